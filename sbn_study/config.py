@@ -1,0 +1,116 @@
+"""The configuration of one trial: what `train()` consumes and what every MLflow run records.
+
+A study spec (`sbn_study.spec`) is this configuration plus `name`, `resources`, `tracking` and `search`.
+Every model is `extra="forbid"` so a typo in a spec is an error, never a silently ignored key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DatasetName = Literal["synthetic", "cifar10", "cifar100"]
+FftNorm = Literal["backward", "ortho", "forward"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    """Size of the embedded synthetic dataset (CIFAR-shaped 3×32×32 images)."""
+
+    train_size: int = Field(2560, ge=2, description="images in the training split (before the validation hold-out)")
+    test_size: int = Field(512, ge=1)
+    num_classes: int = Field(10, ge=2)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    dataset: DatasetName = "synthetic"
+    # Where `cifar-10-batches-py/` and `cifar-100-python/` live (or are downloaded to). `~` is expanded.
+    root: str = "~/.cache/sbn-study/data"
+    # The paper holds out 5,000 of CIFAR's 50,000 training images; search optimizes on them, never on test.
+    val_size: int = Field(5000, ge=0)
+    split_seed: int = 0
+    download: bool = True
+    augment: bool = True
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(Strict):
+    arch: str = "tiny"
+    width: int = Field(16, ge=1, description="base channel width of the tiny model only")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="classifier dropout of the VGG models (paper: 0.5)")
+
+
+class NormConfig(Strict):
+    # `kind` names the norm placed at the placement's sites; every other site keeps plain BN.
+    kind: str = "sbn"
+    # Digits of the stages that get `kind` ("34" = the paper's SBN34), or "all" / "none".
+    placement: str = "34"
+    momentum: float | None = Field(0.1, gt=0.0, le=1.0)
+    eps: float = Field(1e-5, gt=0.0)
+    fft_norm: FftNorm = "backward"
+    affine: bool = True
+    impl: Literal["auto", "fft"] = "auto"
+    groups: int = Field(32, ge=1, description="groups of GroupNorm / Batch Group Norm")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=2)
+    eval_batch_size: int = Field(1024, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0)
+    # timm and airbench exclude norm gains/biases from decay; the paper decays everything (the default).
+    norm_weight_decay: bool = True
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    # Epochs at which the step schedule multiplies the lr by `gamma`; `None` = 30/60/80 % of `epochs`,
+    # which is the paper's 60/120/160 at 200 epochs and scales when a study shortens training.
+    milestones: list[int] | None = None
+    gamma: float = Field(0.2, gt=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    amp: bool = True  # bf16 autocast, on CUDA only; SBN keeps float32 inside
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when the trial was given a GPU, else cpu
+
+
+class FeatureStatsConfig(Strict):
+    enabled: bool = True
+    interval: int = Field(5, ge=1, description="epochs between measurements; epoch 0 (init) always")
+    probe_size: int = Field(256, ge=1, description="fixed validation images the statistics are measured on")
+
+
+class TrialConfig(Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    norm: NormConfig = NormConfig()
+    train: TrainConfig = TrainConfig()
+    features: FeatureStatsConfig = FeatureStatsConfig()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}`; the dotted keys are the ones specs, `--set` and MLflow params use."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Sets `tree["a"]["b"] = value` for `"a.b"`, creating intermediate dicts."""
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
