@@ -40,7 +40,7 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    arch: str = "tiny"
+    arch: str = "resnet18"  # the paper's CIFAR model; the quick-start uses "tiny"
     width: int = Field(16, ge=1, description="base channel width of the tiny model only")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="classifier dropout of the VGG models (paper: 0.5)")
 

@@ -1,0 +1,144 @@
+"""Ray Tune callbacks of the driver: MLflow bookkeeping and the live table a person reads.
+
+Both are pickled into Tune's experiment state (so `--resume` gets them back); they hold plain data and
+connect lazily, never a live client.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+from sbn_study.config import flatten
+from sbn_study.spec import StudySpec
+from sbn_study.tracking import INITIAL_FEATURES_KEY, StudyTracker, result_metrics
+
+
+def trial_status(result: dict[str, Any], max_budget: int) -> str:
+    if result.get("diverged"):
+        return "diverged"
+    return "completed" if result.get("epoch", 0) >= max_budget else "stopped_early"
+
+
+class TrackingCallback(Callback):
+    """Opens (or, after a resume, finds again) one nested MLflow run per trial and logs each result in one batch."""
+
+    def __init__(self, spec: StudySpec, uri: str, experiment_id: str, parent_run_id: str, unsent_path: Path) -> None:
+        self.spec = spec
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.unsent_path = unsent_path
+        self._tracker: StudyTracker | None = None
+        self._node_tagged: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tracker": None, "_node_tagged": set()}
+
+    @property
+    def tracker(self) -> StudyTracker:
+        if self._tracker is None:
+            self._tracker = StudyTracker(self.uri, self.experiment_id, self.parent_run_id, self.unsent_path)
+        return self._tracker
+
+    def _ensure_run(self, trial: Any) -> None:
+        import yaml
+
+        config = self.spec.trial_config(trial.config).model_dump(mode="json")
+        searched = ",".join(sorted(trial.config))
+        self.tracker.trial_run(
+            trial.trial_id,
+            run_name=f"{self.spec.name}-{trial.trial_id}",
+            params=flatten(config),
+            config_yaml=yaml.safe_dump(config, sort_keys=False),
+            tags={"sbn.study": self.spec.name, "sbn.searched": searched},
+        )
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ensure_run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._ensure_run(trial)
+        tracker = self.tracker
+        if INITIAL_FEATURES_KEY in result:
+            tracker.log_metrics(trial.trial_id, result[INITIAL_FEATURES_KEY], step=0)
+        metrics = result_metrics(result)
+        if result.get("diverged"):
+            # The worst-value stand-ins told to the sampler are not measurements.
+            metrics = {k: v for k, v in metrics.items() if k not in self.spec.search.metrics}
+        tracker.log_metrics(trial.trial_id, metrics, step=int(result["epoch"]))
+        if trial.trial_id not in self._node_tagged and "node_id" in result:
+            tracker.set_tags(trial.trial_id, {"sbn.node": str(result["node_id"]), "sbn.host": str(result.get("hostname", ""))})
+            self._node_tagged.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.finish_trial(trial.trial_id, trial_status(trial.last_result, self.spec.max_budget))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.finish_trial(trial.trial_id, "error")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.tracker.flush(deadline_s=30.0)
+
+
+class ProgressTable(Callback):
+    """Prints a compact table of trials (status, epoch, best metric) every `interval_s` and when one ends."""
+
+    def __init__(self, spec: StudySpec, interval_s: float = 10.0, stream: TextIO | None = None) -> None:
+        self.metric = spec.search.metrics[0]
+        self.mode = spec.search.modes[0]
+        self.max_budget = spec.max_budget
+        self.interval_s = interval_s
+        self.stream = stream
+        self._best: dict[str, float] = {}
+        self._last_print = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "stream": None}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        value = result.get(self.metric)
+        if value is None or result.get("diverged"):
+            return
+        best = self._best.get(trial.trial_id)
+        better = best is None or (value > best if self.mode == "max" else value < best)
+        if better:
+            self._best[trial.trial_id] = value
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.print_table(trials)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._last_print >= self.interval_s:
+            self.print_table(trials)
+
+    def print_table(self, trials: list) -> None:
+        self._last_print = time.monotonic()
+        stream = self.stream or sys.stdout
+        counts: dict[str, int] = {}
+        rows = []
+        for trial in trials:
+            state = self.state_of(trial)
+            counts[state] = counts.get(state, 0) + 1
+            epoch = int(trial.last_result.get("epoch", 0)) if trial.last_result else 0
+            best = self._best.get(trial.trial_id)
+            params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted(trial.config.items()))
+            rows.append(f"  {trial.trial_id:<14} {state:<13} {epoch:>3}/{self.max_budget:<3} "
+                        f"{'-' if best is None else f'{best:.4f}':>8}  {params}")
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        header = f"  {'trial':<14} {'status':<13} {'epoch':>7} {('best ' + self.metric):>8}  params"
+        print(f"[{time.strftime('%H:%M:%S')}] {len(trials)} trials: {summary}\n{header}", file=stream)
+        print("\n".join(rows), file=stream, flush=True)
+
+    def state_of(self, trial: Any) -> str:
+        if trial.status == "TERMINATED" and trial.last_result:
+            return trial_status(trial.last_result, self.max_budget)
+        return trial.status.lower()
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

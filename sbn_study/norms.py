@@ -1,0 +1,213 @@
+"""Which normalization goes where: the norm registry and the paper's stage placement, timm-style.
+
+A model asks `norm_layer(num_features, stage)` at every normalization site (stage 0 is the stem, stages count
+from 1) and never learns which module it got. `NormPlacement` answers with the configured kind at the placed
+stages and with a plain `nn.BatchNorm2d` (PyTorch defaults) everywhere else.
+
+The `NormConfig` hyperparameters (eps, momentum, affine, ...) apply only to the layer a kind *places*:
+- `bn`: the BatchNorm itself;
+- `sbn`: the SpectralBatchNorm2d; the BatchNorm in front of it is a plain one (the paper puts SBN after BN);
+- `2bn`: the second BatchNorm (the paper's control arm); the first is a plain one;
+- `gn`: the GroupNorm (eps, affine, groups; it has no running statistics, so no momentum);
+- `bgn`: the Batch Group Norm (eps, momentum, affine, groups);
+- `none`: nothing (an identity), so the site has no normalization at all.
+For `gn` and `bgn`, `groups` is clamped to the largest divisor of the site's width that does not exceed it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sbn_study.config import NormConfig
+from sbn_study.errors import UserError
+from sbn_study.sbn import SpectralBatchNorm2d
+
+NormFactory = Callable[[int, NormConfig], nn.Module]
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
+
+
+class BatchGroupNorm2d(nn.Module):
+    """Batch Group Normalization (Zhou et al., ICLR 2020): the C·H·W features of a sample are split into
+    `num_groups` groups of whole channels and each group is normalized with statistics pooled over the batch
+    and the group, i.e. over (N, C/G, H, W); running statistics per group replace them in eval mode, as in BN.
+    The affine transform stays per channel.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_features % num_groups:
+            raise ValueError(f"num_groups={num_groups} does not divide num_features={num_features}")
+        self.num_features = num_features
+        self.num_groups = num_groups
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.running_mean: torch.Tensor
+        self.running_var: torch.Tensor
+        self.num_batches_tracked: torch.Tensor
+        self.register_buffer("running_mean", torch.zeros(num_groups))
+        self.register_buffer("running_var", torch.ones(num_groups))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.weight is not None}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        factor = 0.0
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            # momentum=None means a cumulative average, exactly as nn.BatchNorm2d treats it.
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # Viewed as N×G×(C/G·H·W), BN's per-channel statistics are exactly BGN's per-group ones, so the fused
+        # kernel (and its unbiased running-variance update) does the work.
+        grouped = F.batch_norm(
+            x.reshape(n, self.num_groups, -1),
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            momentum=factor,
+            eps=self.eps,
+        ).reshape(n, c, h, w)
+        if self.weight is None or self.bias is None:
+            return grouped
+        return grouped * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+
+
+def _bn(num_features: int, cfg: NormConfig) -> nn.Module:
+    return nn.BatchNorm2d(num_features, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine)
+
+
+def _sbn(num_features: int, cfg: NormConfig) -> nn.Module:
+    spectral = SpectralBatchNorm2d(
+        num_features,
+        eps=cfg.eps,
+        momentum=cfg.momentum,
+        affine=cfg.affine,
+        fft_norm=cfg.fft_norm,
+        impl=cfg.impl,
+    )
+    return nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(num_features), sbn=spectral))
+
+
+def _two_bn(num_features: int, cfg: NormConfig) -> nn.Module:
+    return nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(num_features), bn2=_bn(num_features, cfg)))
+
+
+def _gn(num_features: int, cfg: NormConfig) -> nn.Module:
+    # A width that cfg.groups does not divide (e.g. 16 channels, 32 groups) gets the largest group count that
+    # divides it, so one `groups` value serves every layer of every architecture.
+    groups = _largest_divisor_at_most(num_features, cfg.groups)
+    return nn.GroupNorm(groups, num_features, eps=cfg.eps, affine=cfg.affine)
+
+
+def _bgn(num_features: int, cfg: NormConfig) -> nn.Module:
+    groups = _largest_divisor_at_most(num_features, cfg.groups)
+    return BatchGroupNorm2d(num_features, groups, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine)
+
+
+def _none(num_features: int, cfg: NormConfig) -> nn.Module:
+    return nn.Identity()
+
+
+_REGISTRY: dict[str, NormFactory] = {
+    "bn": _bn,
+    "sbn": _sbn,
+    "2bn": _two_bn,
+    "gn": _gn,
+    "bgn": _bgn,
+    "none": _none,
+}
+
+NORM_KINDS: tuple[str, ...] = tuple(sorted(_REGISTRY))
+
+# The leaf modules that normalize: feature statistics hook them, weight decay may skip their parameters.
+NORM_MODULE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm2d,
+    SpectralBatchNorm2d,
+    nn.GroupNorm,
+    BatchGroupNorm2d,
+)
+
+
+def get_norm_layer(kind: str) -> NormFactory:
+    """The constructor `(num_features, cfg) -> nn.Module` registered under `kind`."""
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise UserError(f"norm.kind: unknown norm {kind!r}; known: {', '.join(NORM_KINDS)}") from None
+
+
+def parse_placement(placement: str, num_stages: int, arch: str) -> frozenset[int]:
+    """The stages a placement names, in the paper's notation: stage digits in any order ("34" = SBN34,
+    counted from 1), "all" (every stage and the stem, stage 0) or "none". `arch` only names the model in
+    errors.
+    """
+    if placement == "none":
+        return frozenset()
+    if placement == "all":
+        return frozenset(range(num_stages + 1))
+    if not placement or not all(ch in "0123456789" for ch in placement):
+        raise UserError(
+            f'norm.placement: expected stage digits like "34", "all" or "none", got "{placement}"'
+        )
+    stages = frozenset(int(ch) for ch in placement)
+    for stage in sorted(stages):
+        if not 1 <= stage <= num_stages:
+            raise UserError(f"norm.placement: stage {stage} does not exist in {arch} (stages 1-{num_stages})")
+    return stages
+
+
+class NormPlacement:
+    """The `norm_layer(num_features, stage)` a model receives: `cfg.kind` at the placed stages, plain BN
+    elsewhere. Constructing it validates both the kind and the placement, before any layer is built.
+    """
+
+    def __init__(self, cfg: NormConfig, arch: str, num_stages: int) -> None:
+        self.cfg = cfg
+        self.num_stages = num_stages
+        self.factory = get_norm_layer(cfg.kind)
+        self.stages = parse_placement(cfg.placement, num_stages, arch)
+
+    def __call__(self, num_features: int, stage: int) -> nn.Module:
+        if not 0 <= stage <= self.num_stages:
+            raise ValueError(f"stage {stage} outside 0-{self.num_stages}: the model disagrees with ARCHS")
+        if stage in self.stages:
+            return self.factory(num_features, self.cfg)
+        return nn.BatchNorm2d(num_features)
+
+
+def norm_sites(model: nn.Module) -> list[str]:
+    """`named_modules` names of every normalizing leaf, in forward-definition order; an `sbn` site
+    `layer3.0.bn1` contributes `layer3.0.bn1.bn` and `layer3.0.bn1.sbn`.
+    """
+    return [name for name, module in model.named_modules() if isinstance(module, NORM_MODULE_TYPES)]
+
+
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The affine parameters of every normalizing module (for weight-decay exclusion)."""
+    return [
+        param
+        for module in model.modules()
+        if isinstance(module, NORM_MODULE_TYPES)
+        for param in module.parameters(recurse=False)
+    ]

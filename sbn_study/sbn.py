@@ -1,0 +1,373 @@
+"""Spectral Batch Normalization (Cakaj, Mehnert, Yang, IJCNN 2023): batch normalization in the 2-D DFT domain.
+
+Algorithm 1 of the paper, per channel c of an N×C×H×W input x:
+
+    X = rfft2(x)                              N×C×H×(W//2+1) complex bins
+    mu = mean(X)                              complex, pooled over the batch and all bins
+    var = mean(|X - mu|²)                     one real variance
+    Y = gamma·(X - mu)/sqrt(var + eps) + beta   real gamma, beta
+    y = irfft2(Y, s=(H, W))
+
+`impl="fft"` runs exactly that. `impl="auto"` (the default) runs the exact closed form in the spatial domain:
+the statistics and the affine parameters are one scalar per channel and the DFT is linear, so
+
+    y = s·x + Re(c)·P_re + Im(c)·P_im,   s = gamma/sqrt(var + eps),   c = beta - s·mu,
+
+with the fixed maps P_re = irfft2(1) and P_im = irfft2(i) over the half spectrum, which are zero outside row 0.
+Summing the DFT over all vertical frequencies leaves only row 0 of the map, so mu is a fixed weighting of row 0
+of the batch-summed map; Parseval's theorem in 2-D (full spectrum) and in 1-D (the kw=0 and, for even W, kw=W/2
+columns, which the half spectrum holds once instead of twice) gives the energy of the half spectrum from Σx²,
+the row sums and the alternating row sums. No FFT runs at all, and a hand-written backward keeps the gradient
+to a few passes over the data. `fft_norm` only changes constant factors of both forms.
+
+The running variance takes the unbiased factor M/(M-1) with M = N·H·(W//2+1), the number of bins the statistic
+actually pools; the paper's Algorithm 1 writes n = C·H·W/2 instead, which is neither that count nor per channel.
+
+Everything runs in float32 at least, even under autocast, since FFTs of half-precision inputs do not exist:
+half and bfloat16 inputs are upcast and the output is cast back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+FftNorm = Literal["backward", "ortho", "forward"]
+Impl = Literal["auto", "fft"]
+
+FFT_NORMS: tuple[str, ...] = ("backward", "ortho", "forward")
+IMPLS: tuple[str, ...] = ("auto", "fft")
+
+
+class _Constants(NamedTuple):
+    """The fixed per-(H, W, fft_norm) pieces of the closed form."""
+
+    # k×W rows [1, (-1)^w] (the second only for even W): the row sums whose squares give the energy of the
+    # kw=0 and kw=W/2 columns.
+    row_basis: Tensor
+    # W×2 [Re, Im] of κ/Wr · Σ_{kw<Wr} exp(-2πi·kw·w/W): row 0 of one sample times this is its share of
+    # N·mu.
+    mean_weights: Tensor
+    # 2×W row 0 of [irfft2(1), irfft2(i)], the maps that a constant complex spectrum becomes.
+    spike: Tensor
+    # κ²/(2·Wr): mean |X|² = energy · (W·Σx² + Σ(row sums)²) / N.
+    energy: float
+
+
+@lru_cache(maxsize=64)
+def _constants(height: int, width: int, fft_norm: str, device: torch.device, dtype: torch.dtype) -> _Constants:
+    # Built outside inference mode and autograd so that a first call under torch.inference_mode() does not
+    # leave inference tensors in the cache that a later training step could not use.
+    with torch.inference_mode(False), torch.no_grad():
+        half = width // 2 + 1
+        kappa = {"backward": 1.0, "ortho": 1.0 / math.sqrt(height * width), "forward": 1.0 / (height * width)}[
+            fft_norm
+        ]
+        w = torch.arange(width, dtype=torch.float64)
+        angle = 2 * math.pi * torch.outer(torch.arange(half, dtype=torch.float64), w) / width
+        mean_weights = torch.stack([angle.cos().sum(0), -angle.sin().sum(0)], dim=1) * (kappa / half)
+        rows = [torch.ones(width, dtype=torch.float64)]
+        if width % 2 == 0:
+            rows.append(1.0 - 2.0 * (w % 2))
+        ones = torch.ones(height, half, dtype=torch.complex128)
+        spike = torch.stack(
+            [
+                torch.fft.irfft2(ones, s=(height, width), norm=fft_norm)[0],
+                torch.fft.irfft2(1j * ones, s=(height, width), norm=fft_norm)[0],
+            ]
+        )
+        return _Constants(
+            row_basis=torch.stack(rows).to(device, dtype),
+            mean_weights=mean_weights.to(device, dtype),
+            spike=spike.to(device, dtype),
+            energy=kappa * kappa / (2 * half),
+        )
+
+
+def _channels_last(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _row_sums(x: Tensor, basis: Tensor) -> Tensor:
+    """`x @ basis.T` over W as a k×N×C×H view, as one GEMM over x's own layout."""
+    n, c, h, w = x.shape
+    k = basis.shape[0]
+    if _channels_last(x):
+        return torch.matmul(basis, x.permute(0, 2, 3, 1)).permute(2, 0, 3, 1)
+    return (basis @ x.view(-1, w).T).view(k, n, c, h)
+
+
+def _add_row_terms_(out: Tensor, coef: Tensor, basis: Tensor) -> None:
+    """`out += coef @ basis` over W (coef: k×N×C×H), in place, as one GEMM over out's own layout."""
+    n, c, h, w = out.shape
+    k = basis.shape[0]
+    if _channels_last(out):
+        rows = out.permute(0, 2, 3, 1).view(n * h, w, c)
+        rows.baddbmm_(basis.T.expand(n * h, w, k), coef.permute(1, 3, 0, 2).reshape(n * h, k, c))
+    else:
+        out.view(-1, w).addmm_(coef.reshape(k, -1).T, basis)
+
+
+def _channel_sum_of_squares(x: Tensor) -> Tensor:
+    # A reduction over a contiguous inner dimension vectorizes; one over dims (0, 2, 3) of NCHW does not.
+    n, c = x.shape[:2]
+    if _channels_last(x):
+        return torch.linalg.vector_norm(x.permute(0, 2, 3, 1).reshape(-1, c), dim=0).square()
+    return torch.linalg.vector_norm(x.view(n, c, -1), dim=-1).square().sum(0)
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ a·b per channel, for a and b of the same layout, without a full-size temporary where possible."""
+    n, c = a.shape[:2]
+    if _channels_last(a):
+        return torch.linalg.vecdot(a.permute(0, 2, 3, 1).reshape(-1, c), b.permute(0, 2, 3, 1).reshape(-1, c), dim=0)
+    return torch.bmm(a.view(n * c, 1, -1), b.view(n * c, -1, 1)).view(n, c).sum(0)
+
+
+class _ClosedForm(torch.autograd.Function):
+    """SBN in the spatial domain with a hand-written backward.
+
+    Forward inputs: x (N×C×H×W, float32/64, NCHW- or channels-last-contiguous), weight and bias (C or None),
+    mean (C×2 [Re, Im]) and var (C) of the running statistics, or None for batch statistics.
+    Outputs: y, and the batch mean (C×2) and biased variance (C) that the running statistics are updated with.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor | None,
+        var: Tensor | None,
+        eps: float,
+        consts: _Constants,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, c, h, w = x.shape
+        row_sums = None
+        if mean is None or var is None:
+            row_sums = _row_sums(x, consts.row_basis)
+            second_moment = (
+                consts.energy * (w * _channel_sum_of_squares(x) + row_sums.square().sum((0, 1, 3))) / n
+            )
+            mean = (x[:, :, 0, :].sum(0) @ consts.mean_weights) / n
+            # E|X|² - |mu|² may round below zero when |mu|² dominates; the true value never is.
+            var = (second_moment - mean.square().sum(1)).clamp_min(0)
+        inv_std = (var + eps).rsqrt()
+        scale = inv_std if weight is None else weight * inv_std
+        shift = -scale[:, None] * mean
+        if bias is not None:
+            shift[:, 0] += bias
+        y = torch.empty_like(x)
+        torch.mul(x, scale[:, None, None], out=y)
+        y[:, :, 0, :] += shift @ consts.spike
+        ctx.save_for_backward(x, weight, mean, inv_std, scale, row_sums)
+        ctx.consts = consts  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, inv_std, scale, row_sums = ctx.saved_tensors
+        consts: _Constants = ctx.consts
+        n, c, h, w = x.shape
+        batch_stats = row_sums is not None
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+
+        # dL/dc for c = [Re, Im] of beta - s·mu: the spike only touches row 0.
+        grad_shift = grad_y[:, :, 0, :].sum(0) @ consts.spike.T
+        grad_x = grad_weight = grad_bias = None
+        if need_bias:
+            grad_bias = grad_shift[:, 0]
+        if need_weight or (need_x and batch_stats):
+            grad_scale = _channel_dot(grad_y, x) - (grad_shift * mean).sum(1)
+            if need_weight:
+                grad_weight = grad_scale * inv_std
+        if need_x:
+            grad_x = torch.empty_like(x)
+            torch.mul(grad_y, scale[:, None, None], out=grad_x)
+            if batch_stats:
+                grad_var = -0.5 * grad_scale * scale * inv_std.square()
+                grad_mean = -scale[:, None] * grad_shift - 2 * mean * grad_var[:, None]
+                # d E|X|²/dx = (2·energy/N)·(W·x + Σ_k row_sums_k·row_basis_k).
+                coef = (2 * consts.energy / n) * grad_var
+                grad_x.addcmul_(x, (w * coef)[:, None, None])
+                _add_row_terms_(grad_x, row_sums * coef[:, None], consts.row_basis)
+                grad_x[:, :, 0, :] += (grad_mean @ consts.mean_weights.T) / n
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _fft_form(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor | None,
+    var: Tensor | None,
+    eps: float,
+    fft_norm: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Algorithm 1 literally, differentiated by autograd; same contract as `_ClosedForm`."""
+    spectrum = torch.fft.rfft2(x, norm=fft_norm)
+    if mean is None or var is None:
+        center = spectrum.mean(dim=(0, 2, 3))
+        deviation = spectrum - center[:, None, None]
+        var = (deviation.real.square() + deviation.imag.square()).mean(dim=(0, 2, 3))
+        mean = torch.view_as_real(center)
+    else:
+        deviation = spectrum - torch.view_as_complex(mean.contiguous())[:, None, None]
+    scale = (var + eps).rsqrt()
+    if weight is not None:
+        scale = weight * scale
+    normalized = deviation * scale[:, None, None]
+    if bias is not None:
+        normalized = normalized + bias[:, None, None]
+    y = torch.fft.irfft2(normalized, s=x.shape[-2:], norm=fft_norm)
+    return y, mean.detach(), var.detach()
+
+
+class SpectralBatchNorm2d(nn.Module):
+    """Spectral Batch Normalization over a 4-D input (N, C, H, W), with BatchNorm2d's interface.
+
+    Args:
+        num_features: C.
+        eps: added to the spectral variance.
+        momentum: of the running statistics, `running = (1 - momentum)·running + momentum·batch`;
+            None gives the cumulative moving average, as in `nn.BatchNorm2d`.
+        affine: learn a real per-channel gain (init 1) and bias (init 0) applied in the spectrum.
+        track_running_stats: keep running statistics and use them in eval mode; without them the batch
+            statistics are used in both modes.
+        fft_norm: the `norm` of `torch.fft.rfft2` / `irfft2`: "backward" (PyTorch's default, which the paper
+            implies), "ortho" or "forward".
+        impl: "auto", the exact FFT-free closed form, or "fft", the literal FFT form (the reference).
+
+    Buffers: `running_mean_real`, `running_mean_imag` (the complex running mean, init 0), `running_var`
+    (init 1, unbiased with M/(M-1), M = N·H·(W//2+1) pooled bins) and `num_batches_tracked`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        fft_norm: FftNorm = "backward",
+        impl: Impl = "auto",
+    ) -> None:
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"num_features must be at least 1, got {num_features}")
+        if fft_norm not in FFT_NORMS:
+            raise ValueError(f"fft_norm must be one of {', '.join(FFT_NORMS)}; got {fft_norm!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.fft_norm: FftNorm = fft_norm
+        self.impl: Impl = impl
+        self.weight: nn.Parameter | None
+        self.bias: nn.Parameter | None
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features))
+            self.bias = nn.Parameter(torch.empty(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.running_mean_real: Tensor | None
+        self.running_mean_imag: Tensor | None
+        self.running_var: Tensor | None
+        self.num_batches_tracked: Tensor | None
+        if track_running_stats:
+            self.register_buffer("running_mean_real", torch.zeros(num_features))
+            self.register_buffer("running_mean_imag", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            for name in ("running_mean_real", "running_mean_imag", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            assert self.running_mean_real is not None and self.running_mean_imag is not None
+            assert self.running_var is not None and self.num_batches_tracked is not None
+            self.running_mean_real.zero_()
+            self.running_mean_imag.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None and self.bias is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, fft_norm={self.fft_norm}, impl={self.impl}"
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"SpectralBatchNorm2d expects a 4-D input (N, C, H, W), got {input.dim()}-D input")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"SpectralBatchNorm2d({self.num_features}) got an input with {input.shape[1]} channels"
+            )
+        if not input.is_floating_point():
+            raise ValueError(f"SpectralBatchNorm2d expects a floating-point input, got {input.dtype}")
+        if self.training and input.shape[0] < 2:
+            raise ValueError(
+                "Expected more than 1 value per channel when training (SpectralBatchNorm2d pools its "
+                f"statistics over a batch of at least 2 samples), got input size {input.size()}"
+            )
+        n, _, h, w = input.shape
+        batch_stats = self.training or not self.track_running_stats
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            compute_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+            x = input.to(compute_dtype)
+            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+                x = x.contiguous()
+            weight = None if self.weight is None else self.weight.to(compute_dtype)
+            bias = None if self.bias is None else self.bias.to(compute_dtype)
+            mean = var = None
+            if not batch_stats:
+                assert self.running_mean_real is not None and self.running_mean_imag is not None
+                assert self.running_var is not None
+                mean = torch.stack([self.running_mean_real, self.running_mean_imag], dim=1).to(compute_dtype)
+                var = self.running_var.to(compute_dtype)
+            if self.impl == "fft":
+                y, batch_mean, batch_var = _fft_form(x, weight, bias, mean, var, self.eps, self.fft_norm)
+            else:
+                consts = _constants(h, w, self.fft_norm, x.device, compute_dtype)
+                y, batch_mean, batch_var = _ClosedForm.apply(x, weight, bias, mean, var, self.eps, consts)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(batch_mean, batch_var, bins=n * h * (w // 2 + 1))
+        return y.to(input.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, bins: int) -> None:
+        assert self.running_mean_real is not None and self.running_mean_imag is not None
+        assert self.running_var is not None and self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        # A 0-dim tensor rather than float(...) so that torch.compile does not specialize on the step count.
+        factor: Tensor | float = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        for running, batch in (
+            (self.running_mean_real, mean[:, 0]),
+            (self.running_mean_imag, mean[:, 1]),
+            (self.running_var, var * (bins / (bins - 1))),
+        ):
+            running.mul_(1 - factor).add_(batch.to(running.dtype) * factor)

@@ -1,0 +1,247 @@
+"""`sbn-study run`: a validated spec → Ray (local or a cluster) → Tune with Optuna and ASHA → MLflow.
+
+Order of work: everything that can be refused (output folder, tracking store, cluster resources, data) is
+checked before the first trial starts; the store and experiment are created by the driver alone; the
+dataset is loaded once and shared through the object store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sbn_study.errors import UserError
+from sbn_study.spec import StudySpec
+from sbn_study.tracking import ENDED_STATUSES, check_reachable, ensure_experiment, is_remote_store, redact_uri, resolve_tracking_uri
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    output: Path
+    address: str | None = None
+    tracking_uri: str | None = None
+    resume: bool = False
+    num_cpus: int | None = None  # local Ray only; None = all of the machine's
+    progress_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    name: str
+    status: str  # "finished" | "interrupted"
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    tune_path: str
+    trial_statuses: dict[str, str]
+    best: dict[str, Any] | None
+
+
+def state_path(output: Path, name: str) -> Path:
+    return output / "studies" / f"{name}.json"
+
+
+def _prepare_output(output: Path) -> Path:
+    output = output.expanduser().resolve()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--output: cannot write to {output} ({exc.strerror or exc})") from None
+    return output
+
+
+def _start_ray(options: RunOptions) -> bool:
+    """Starts a local Ray or joins a cluster; returns True when this process started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "WARNING"}
+    if options.address:
+        try:
+            ray.init(address=options.address, **common)
+        except Exception as exc:
+            raise UserError(f"--address: cannot join the Ray cluster at {options.address} ({exc})") from None
+        return True
+    # An exposed Ray dashboard lets anyone run code on the cluster: keep it off on the embedded Ray.
+    ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, **common)
+    return True
+
+
+def _check_cluster(spec: StudySpec, uri: str) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    need_cpu, need_gpu = spec.resources.cpu, spec.resources.gpu
+    fits = [n for n in nodes
+            if n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0) >= need_gpu]
+    if not fits:
+        largest = max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)))
+        have = f"{largest['Resources'].get('CPU', 0):g} CPUs and {largest['Resources'].get('GPU', 0):g} GPUs"
+        what = "GPUs" if need_gpu > 0 and not any(n["Resources"].get("GPU", 0) for n in nodes) else "resources"
+        raise UserError(
+            f"resources: no node of the cluster has the {what} one trial needs "
+            f"({need_cpu:g} CPUs, {need_gpu:g} GPUs; the largest node has {have})"
+        )
+    if len(nodes) > 1 and not is_remote_store(uri):
+        raise UserError(
+            f"tracking.uri: a cluster of {len(nodes)} nodes needs an MLflow server (--tracking-uri http://HOST:5000), "
+            f"not the local store {redact_uri(uri)}"
+        )
+
+
+def _load_state(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)  # atomic: a driver killed mid-write never leaves a broken state file
+
+
+def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutcome:
+    output = _prepare_output(options.output)
+    uri = resolve_tracking_uri(options.tracking_uri, spec.tracking.uri, output)
+    check_reachable(uri)
+    state_file = state_path(output, spec.name)
+    state = _load_state(state_file)
+    if options.resume and (state is None or state["status"] == "finished"):
+        raise UserError(f"--resume: study '{spec.name}' has no unfinished run in {output}")
+    if not options.resume and state is not None and state["status"] != "finished":
+        raise UserError(
+            f"study '{spec.name}' has an unfinished run in {output} ({state['status']}); "
+            "continue it with --resume, or give the study another name"
+        )
+
+    started_ray = _start_ray(options)
+    try:
+        _check_cluster(spec, uri)
+        return _run(spec, spec_text, options, output, uri, state_file, state if options.resume else None)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _run(spec: StudySpec, spec_text: str, options: RunOptions, output: Path, uri: str, state_file: Path,
+         state: dict[str, Any] | None) -> StudyOutcome:
+    import ray.tune as tune
+    import yaml
+
+    from sbn_study.callbacks import ProgressTable, TrackingCallback
+    from sbn_study.data import load_dataset
+    from sbn_study.search import make_scheduler, make_searcher
+    from sbn_study.trainable import run_trial
+    from sbn_study.tracking import StudyTracker
+
+    # Tune's CSV/JSON/TensorBoard loggers would write every feature statistic of every result a second
+    # time; MLflow is the record.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    dataset = load_dataset(spec.data)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec, dataset=dataset),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    experiment_id = ensure_experiment(uri, spec.name, output / "artifacts")
+    unsent = output / "studies" / f"{spec.name}.unsent.jsonl"
+
+    if state is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        tracker = StudyTracker.start(uri, experiment_id, spec.name, f"{spec.name}-{stamp}", unsent)
+        tracker.log_study_artifacts({
+            "spec.yaml": spec_text,
+            "resolved.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
+        })
+        storage = spec.storage or str(output / "ray")
+        state = {"status": "running", "parent_run_id": tracker.parent_run_id, "experiment_id": experiment_id,
+                 "tune_path": f"{storage.rstrip('/')}/{spec.name}-{stamp}", "tracking_uri": redact_uri(uri)}
+        _write_state(state_file, state)
+        tracking = TrackingCallback(spec, uri, experiment_id, tracker.parent_run_id, unsent)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(spec),
+                scheduler=make_scheduler(spec),
+                num_samples=spec.search.num_samples,
+                max_concurrent_trials=spec.search.max_concurrent,
+                # Trials reuse worker processes: no second torch import and start-up gap per trial.
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=Path(state["tune_path"]).name,
+                storage_path=storage,
+                callbacks=[tracking, ProgressTable(spec, options.progress_interval_s)],
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=0,
+            ),
+        )
+    else:
+        tracker = StudyTracker.start(uri, state["experiment_id"], spec.name, "", unsent,
+                                     parent_run_id=state["parent_run_id"])
+        state["status"] = "running"
+        _write_state(state_file, state)
+        tuner = tune.Tuner.restore(state["tune_path"], trainable, resume_unfinished=True, resume_errored=True)
+
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C; Tune already turned the first into a graceful, checkpointed stop
+    trial_statuses = _trial_statuses(tracker)
+    ended = sum(status in ENDED_STATUSES for status in trial_statuses.values())
+    interrupted = ended < spec.search.num_samples
+    status = "interrupted" if interrupted else "finished"
+    tracker.finish_study("KILLED" if interrupted else "FINISHED")
+    lost = tracker.save_unsent()
+    state["status"] = status
+    state["unsent_writes"] = lost
+    _write_state(state_file, state)
+    return StudyOutcome(
+        name=spec.name,
+        status=status,
+        tracking_uri=redact_uri(uri),
+        experiment_id=state["experiment_id"],
+        parent_run_id=state["parent_run_id"],
+        tune_path=state["tune_path"],
+        trial_statuses=_trial_statuses(tracker),
+        best=_best_trial(tracker, spec),
+    )
+
+
+def _trial_runs(tracker: Any) -> list[Any]:
+    return list(tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'",
+        max_results=10000,
+    ))
+
+
+def _trial_statuses(tracker: Any) -> dict[str, str]:
+    return {run.data.tags.get("sbn.trial_id", run.info.run_id): run.data.tags.get("sbn.status", "?")
+            for run in _trial_runs(tracker)}
+
+
+def _best_trial(tracker: Any, spec: StudySpec) -> dict[str, Any] | None:
+    metric, mode = spec.search.metrics[0], spec.search.modes[0]
+    scored = [run for run in _trial_runs(tracker) if metric in run.data.metrics]
+    if not scored:
+        return None
+    best = (max if mode == "max" else min)(scored, key=lambda run: run.data.metrics[metric])
+    searched = best.data.tags.get("sbn.searched", "")
+    return {
+        "trial_id": best.data.tags.get("sbn.trial_id"),
+        "run_id": best.info.run_id,
+        "metric": metric,
+        "value": best.data.metrics[metric],
+        "status": best.data.tags.get("sbn.status"),
+        "params": {k: best.data.params.get(k) for k in searched.split(",") if k},
+    }

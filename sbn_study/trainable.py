@@ -1,0 +1,57 @@
+"""The Ray Tune function trainable: one trial = `train()` on the trial's resolved configuration.
+
+The dataset arrives through Ray's object store (`tune.with_parameters`), loaded once by the driver. Every
+epoch is one `tune.report` with a checkpoint, so a restarted trial resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sbn_study.data import ImageDataset
+from sbn_study.spec import StudySpec
+from sbn_study.tracking import FEATURE_PREFIX, INITIAL_FEATURES_KEY
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def worst_values(spec: StudySpec) -> dict[str, float]:
+    """What a diverged trial reports for the searched metrics: the worst possible value of each."""
+    metrics = spec.search.metrics
+    modes = spec.search.modes
+    return {m: float("-inf") if mode == "max" else float("inf") for m, mode in zip(metrics, modes, strict=True)}
+
+
+def run_trial(sampled: dict[str, Any], *, spec: StudySpec, dataset: ImageDataset) -> None:
+    import ray
+    import torch
+    from ray import tune
+
+    from sbn_study.train import train
+
+    config = spec.trial_config(sampled)
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    node_id = ray.get_runtime_context().get_node_id()
+    initial_features: dict[str, float] = {}
+
+    def report(metrics: dict[str, float], make_checkpoint: Any) -> None:
+        if make_checkpoint is None:
+            initial_features.update((k, v) for k, v in metrics.items() if k.startswith(FEATURE_PREFIX))
+            return
+        result: dict[str, Any] = {**metrics, "node_id": node_id}
+        if initial_features:
+            result[INITIAL_FEATURES_KEY] = dict(initial_features)
+            initial_features.clear()
+        if metrics.get("diverged"):
+            result.update(worst_values(spec))
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    train(config, dataset=dataset, report=report, resume=resume)

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sbn_study.config import NormConfig
+from sbn_study.errors import UserError
+from sbn_study.norms import (
+    NORM_KINDS,
+    BatchGroupNorm2d,
+    NormPlacement,
+    get_norm_layer,
+    norm_parameters,
+    norm_sites,
+    parse_placement,
+)
+from sbn_study.sbn import SpectralBatchNorm2d
+
+
+def test_norm_kinds_are_the_registry_keys_sorted() -> None:
+    assert NORM_KINDS == ("2bn", "bgn", "bn", "gn", "none", "sbn")
+    for kind in NORM_KINDS:
+        assert callable(get_norm_layer(kind))
+
+
+def test_unknown_norm_kind_lists_the_known_ones() -> None:
+    with pytest.raises(UserError) as info:
+        get_norm_layer("xyz")
+    assert str(info.value) == "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, gn, none, sbn"
+
+
+def test_sbn_is_a_plain_bn_followed_by_the_configured_sbn() -> None:
+    cfg = NormConfig(kind="sbn", eps=1e-3, momentum=0.2, affine=False, fft_norm="ortho")
+    layer = get_norm_layer("sbn")(8, cfg)
+    assert isinstance(layer, nn.Sequential)
+    assert [name for name, _ in layer.named_children()] == ["bn", "sbn"]
+    assert type(layer.bn) is nn.BatchNorm2d
+    assert (layer.bn.eps, layer.bn.momentum, layer.bn.affine) == (1e-5, 0.1, True)
+    assert isinstance(layer.sbn, SpectralBatchNorm2d)
+    assert sum(p.numel() for p in layer.sbn.parameters()) == 0  # affine=False reached the SBN
+    assert layer(torch.randn(2, 8, 4, 4)).shape == (2, 8, 4, 4)
+
+
+def test_2bn_is_two_batchnorms_the_second_configured() -> None:
+    cfg = NormConfig(kind="2bn", eps=1e-3, momentum=0.2)
+    layer = get_norm_layer("2bn")(8, cfg)
+    assert [name for name, _ in layer.named_children()] == ["bn", "bn2"]
+    assert (layer.bn.eps, layer.bn.momentum) == (1e-5, 0.1)
+    assert (layer.bn2.eps, layer.bn2.momentum) == (1e-3, 0.2)
+
+
+def test_bn_takes_the_config() -> None:
+    layer = get_norm_layer("bn")(8, NormConfig(kind="bn", eps=1e-3, momentum=None, affine=False))
+    assert type(layer) is nn.BatchNorm2d
+    assert (layer.eps, layer.momentum, layer.affine) == (1e-3, None, False)
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "expected"), [(64, 32, 32), (16, 32, 16), (48, 32, 24), (10, 4, 2)]
+)
+def test_group_count_is_clamped_to_a_divisor(channels: int, groups: int, expected: int) -> None:
+    cfg = NormConfig(kind="gn", groups=groups, eps=1e-3)
+    gn = get_norm_layer("gn")(channels, cfg)
+    assert isinstance(gn, nn.GroupNorm)
+    assert (gn.num_groups, gn.eps) == (expected, 1e-3)
+    bgn = get_norm_layer("bgn")(channels, cfg)
+    assert isinstance(bgn, BatchGroupNorm2d)
+    assert bgn.num_groups == expected
+
+
+def test_none_is_an_identity() -> None:
+    assert isinstance(get_norm_layer("none")(8, NormConfig(kind="none")), nn.Identity)
+
+
+def test_batch_group_norm_reduces_to_group_norm_for_one_sample_and_to_bn_for_one_channel_per_group() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 5, 5) * 3 + 1
+    bgn = BatchGroupNorm2d(8, 4)
+    torch.testing.assert_close(bgn(x), F.group_norm(x, 4, eps=1e-5))
+
+    x = torch.randn(4, 8, 5, 5) * 3 + 1
+    bgn, bn = BatchGroupNorm2d(8, 8, momentum=0.3), nn.BatchNorm2d(8, momentum=0.3)
+    with torch.no_grad():
+        for module in (bgn, bn):
+            module.weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+            module.bias.uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(bgn(x), bn(x))
+    torch.testing.assert_close(bgn.running_mean, bn.running_mean)
+    torch.testing.assert_close(bgn.running_var, bn.running_var)
+    bgn.eval()
+    bn.eval()
+    torch.testing.assert_close(bgn(x), bn(x))
+
+
+def test_batch_group_norm_pools_each_group_over_batch_channels_and_space() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 4, 4) * 2 + 5
+    bgn = BatchGroupNorm2d(6, 2, momentum=None, affine=False)
+    grouped = x.reshape(3, 2, 3, 4, 4)
+    mean = grouped.mean(dim=(0, 2, 3, 4), keepdim=True)
+    var = grouped.var(dim=(0, 2, 3, 4), unbiased=False, keepdim=True)
+    expected = ((grouped - mean) / torch.sqrt(var + 1e-5)).reshape_as(x)
+    torch.testing.assert_close(bgn(x), expected)
+    # momentum=None: a cumulative average, so after one batch the running stats are that batch's.
+    torch.testing.assert_close(bgn.running_mean, mean.flatten())
+    torch.testing.assert_close(bgn.running_var, grouped.var(dim=(0, 2, 3, 4)).flatten())
+
+
+@pytest.mark.parametrize(
+    ("placement", "expected"),
+    [
+        ("34", {3, 4}),
+        ("43", {3, 4}),
+        ("4", {4}),
+        ("234", {2, 3, 4}),
+        ("all", {0, 1, 2, 3, 4}),
+        ("none", set()),
+    ],
+)
+def test_parse_placement_accepts_the_paper_notation(placement: str, expected: set[int]) -> None:
+    assert parse_placement(placement, 4, "resnet18") == frozenset(expected)
+
+
+@pytest.mark.parametrize(
+    ("placement", "stages", "arch", "message"),
+    [
+        ("5", 4, "resnet18", "norm.placement: stage 5 does not exist in resnet18 (stages 1-4)"),
+        ("4", 3, "resnet20", "norm.placement: stage 4 does not exist in resnet20 (stages 1-3)"),
+        ("34", 3, "tiny", "norm.placement: stage 4 does not exist in tiny (stages 1-3)"),
+        ("0", 3, "resnet20", "norm.placement: stage 0 does not exist in resnet20 (stages 1-3)"),
+        ("x", 4, "resnet18", 'norm.placement: expected stage digits like "34", "all" or "none", got "x"'),
+        ("x3", 4, "resnet18", 'norm.placement: expected stage digits like "34", "all" or "none", got "x3"'),
+        ("3 4", 4, "resnet18", 'norm.placement: expected stage digits like "34", "all" or "none", got "3 4"'),
+        ("", 4, "resnet18", 'norm.placement: expected stage digits like "34", "all" or "none", got ""'),
+        ("ALL", 4, "resnet18", 'norm.placement: expected stage digits like "34", "all" or "none", got "ALL"'),
+    ],
+)
+def test_parse_placement_rejects_with_the_key_path(
+    placement: str, stages: int, arch: str, message: str
+) -> None:
+    with pytest.raises(UserError) as info:
+        parse_placement(placement, stages, arch)
+    assert str(info.value) == message
+
+
+def test_placement_policy_places_the_kind_only_at_placed_stages() -> None:
+    policy = NormPlacement(NormConfig(kind="2bn", placement="3", eps=1e-3), "resnet20", 3)
+    placed = policy(16, 3)
+    assert [name for name, _ in placed.named_children()] == ["bn", "bn2"]
+    for stage in (0, 1, 2):
+        plain = policy(16, stage)
+        assert type(plain) is nn.BatchNorm2d
+        assert plain.eps == 1e-5  # cfg only reaches the placed layer
+    with pytest.raises(ValueError, match="stage 4 outside 0-3"):
+        policy(16, 4)
+
+
+def test_placement_policy_validates_kind_and_placement_up_front() -> None:
+    with pytest.raises(UserError, match="unknown norm 'sbm'"):
+        NormPlacement(NormConfig(kind="sbm", placement="none"), "resnet20", 3)
+    with pytest.raises(UserError, match="stage 4 does not exist in resnet20"):
+        NormPlacement(NormConfig(kind="sbn", placement="34"), "resnet20", 3)
+
+
+def _toy(kind: str) -> nn.Sequential:
+    policy = NormPlacement(NormConfig(kind=kind, placement="1"), "toy", 1)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), policy(4, 0), nn.Conv2d(4, 4, 3), policy(4, 1), nn.Linear(2, 2))
+
+
+def test_norm_sites_lists_the_normalizing_leaves() -> None:
+    assert norm_sites(_toy("sbn")) == ["1", "3.bn", "3.sbn"]
+    assert norm_sites(_toy("2bn")) == ["1", "3.bn", "3.bn2"]
+    assert norm_sites(_toy("gn")) == ["1", "3"]
+    assert norm_sites(_toy("bgn")) == ["1", "3"]
+    assert norm_sites(_toy("none")) == ["1"]
+
+
+def test_norm_parameters_are_exactly_the_norm_affine_parameters() -> None:
+    model = _toy("sbn")
+    params = {id(p) for p in norm_parameters(model)}
+    expected = [
+        model[1].weight,
+        model[1].bias,
+        model[3].bn.weight,
+        model[3].bn.bias,
+        *model[3].sbn.parameters(),
+    ]
+    assert params == {id(p) for p in expected}
+    assert all(id(p) not in params for p in [*model[0].parameters(), *model[4].parameters()])
