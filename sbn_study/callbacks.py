@@ -27,7 +27,9 @@ def trial_status(result: dict[str, Any], max_budget: int) -> str:
 class TrackingCallback(Callback):
     """Opens (or, after a resume, finds again) one nested MLflow run per trial and logs each result in one batch."""
 
-    def __init__(self, spec: StudySpec, uri: str, experiment_id: str, parent_run_id: str, unsent_path: Path) -> None:
+    def __init__(
+        self, spec: StudySpec, uri: str, experiment_id: str, parent_run_id: str, unsent_path: Path
+    ) -> None:
         self.spec = spec
         self.uri = uri
         self.experiment_id = experiment_id
@@ -72,7 +74,10 @@ class TrackingCallback(Callback):
             metrics = {k: v for k, v in metrics.items() if k not in self.spec.search.metrics}
         tracker.log_metrics(trial.trial_id, metrics, step=int(result["epoch"]))
         if trial.trial_id not in self._node_tagged and "node_id" in result:
-            tracker.set_tags(trial.trial_id, {"sbn.node": str(result["node_id"]), "sbn.host": str(result.get("hostname", ""))})
+            tracker.set_tags(
+                trial.trial_id,
+                {"sbn.node": str(result["node_id"]), "sbn.host": str(result.get("hostname", ""))},
+            )
             self._node_tagged.add(trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -127,8 +132,10 @@ class ProgressTable(Callback):
             epoch = int(trial.last_result.get("epoch", 0)) if trial.last_result else 0
             best = self._best.get(trial.trial_id)
             params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted(trial.config.items()))
-            rows.append(f"  {trial.trial_id:<14} {state:<13} {epoch:>3}/{self.max_budget:<3} "
-                        f"{'-' if best is None else f'{best:.4f}':>8}  {params}")
+            rows.append(
+                f"  {trial.trial_id:<14} {state:<13} {epoch:>3}/{self.max_budget:<3} "
+                f"{'-' if best is None else f'{best:.4f}':>8}  {params}"
+            )
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         header = f"  {'trial':<14} {'status':<13} {'epoch':>7} {('best ' + self.metric):>8}  params"
         print(f"[{time.strftime('%H:%M:%S')}] {len(trials)} trials: {summary}\n{header}", file=stream)

@@ -62,6 +62,134 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_OUTPUT = "sbn-runs"
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        metavar="DIR",
+        help=f"folder of the default MLflow store, Tune state and checkpoints (default: ./{DEFAULT_OUTPUT})",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the spec's tracking.uri, "
+        "else sqlite under --output)",
+    )
+
+
+def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a study: Ray Tune trials with an Optuna sampler and ASHA, logged to MLflow",
+        description="Run the study a spec describes, on an embedded local Ray or a cluster (--address).",
+    )
+    _add_spec_arguments(parser)
+    _add_output_arguments(parser)
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="join a Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: start a local Ray)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue this study's unfinished run (after Ctrl-C or a killed driver)",
+    )
+    parser.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the local Ray (default: all)")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sbn_study.spec import load_spec
+    from sbn_study.study import RunOptions, run_study
+
+    spec = load_spec(args.spec, args.overrides)
+    for warning in spec.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    spec_text = Path(args.spec).read_text()
+    options = RunOptions(
+        output=Path(args.output),
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        resume=args.resume,
+        num_cpus=args.num_cpus,
+    )
+    print(
+        f"sbn-study: {'resuming' if args.resume else 'starting'} study '{spec.name}': "
+        f"{spec.search.num_samples} trials, {spec.search.sampler.type} + {spec.search.scheduler.type}",
+        flush=True,
+    )
+    outcome = run_study(spec, spec_text, options)
+    counts: dict[str, int] = {}
+    for status in outcome.trial_statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    print(
+        f"\nstudy '{outcome.name}' {outcome.status}: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    )
+    if outcome.best:
+        best = outcome.best
+        print(f"best trial {best['trial_id']} ({best['status']}): last {best['metric']} = {best['value']:.4f}")
+        for key, value in best["params"].items():
+            print(f"  {key} = {value}")
+        print(f"  MLflow run {best['run_id']}")
+    print(
+        f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.name}'), Tune state {outcome.tune_path}"
+    )
+    print(f"browse:  sbn-study ui --tracking-uri '{outcome.tracking_uri}'")
+    if outcome.status == "interrupted":
+        print(
+            f"resume:  sbn-study run {args.spec} --resume"
+            + (f" --output {args.output}" if args.output != DEFAULT_OUTPUT else "")
+        )
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _add_ui(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "ui",
+        help="open the MLflow UI of a study store on 127.0.0.1",
+        description="Start the MLflow UI for a tracking store, bound to 127.0.0.1.",
+    )
+    _add_output_arguments(parser)
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; reach it remotely through an SSH tunnel)",
+    )
+    parser.set_defaults(handler=_ui)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from sbn_study.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri, None, Path(args.output))
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbn-study",
@@ -70,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sbn-study {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_validate(subparsers)
+    _add_run(subparsers)
+    _add_ui(subparsers)
     return parser
 
 

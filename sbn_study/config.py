@@ -21,7 +21,9 @@ class Strict(BaseModel):
 class SyntheticConfig(Strict):
     """Size of the embedded synthetic dataset (CIFAR-shaped 3×32×32 images)."""
 
-    train_size: int = Field(2560, ge=2, description="images in the training split (before the validation hold-out)")
+    train_size: int = Field(
+        2560, ge=2, description="images in the training split (before the validation hold-out)"
+    )
     test_size: int = Field(512, ge=1)
     num_classes: int = Field(10, ge=2)
     seed: int = 0
@@ -42,7 +44,9 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     arch: str = "resnet18"  # the paper's CIFAR model; the quick-start uses "tiny"
     width: int = Field(16, ge=1, description="base channel width of the tiny model only")
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="classifier dropout of the VGG models (paper: 0.5)")
+    dropout: float = Field(
+        0.5, ge=0.0, lt=1.0, description="classifier dropout of the VGG models (paper: 0.5)"
+    )
 
 
 class NormConfig(Strict):

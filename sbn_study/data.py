@@ -313,28 +313,15 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tu
 # --------------------------------------------------------------------------------------- the loader
 
 
-def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Random-crop-with-zero-padding and horizontal flip of a batch, with the draws given.
+@dataclass(frozen=True)
+class EpochDraws:
+    """The randomness of one training epoch, all drawn up front on the loader's device."""
 
-    images: uint8 B×C×H×W. offsets: int64 B×2, each image's (top, left) in its frame padded by
-    `CROP_PADDING` on every side, in 0..2·CROP_PADDING (torchvision's `RandomCrop(padding=4)`).
-    flips: bool B, mirror after cropping. One gather, without materialising the padded batch.
-    """
-    batch, channels, height, width = images.shape
-    device = images.device
-    rows = offsets[:, :1] - CROP_PADDING + torch.arange(height, device=device)
-    cols = offsets[:, 1:] - CROP_PADDING + torch.arange(width, device=device)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    rows_inside = (rows >= 0) & (rows < height)
-    cols_inside = (cols >= 0) & (cols < width)
-    inside = rows_inside[:, None, :, None] & cols_inside[:, None, None, :]
-    gathered = images[
-        torch.arange(batch, device=device)[:, None, None, None],
-        torch.arange(channels, device=device)[None, :, None, None],
-        rows.clamp(0, height - 1)[:, None, :, None],
-        cols.clamp(0, width - 1)[:, None, None, :],
-    ]
-    return gathered.masked_fill_(~inside, 0)
+    order: torch.Tensor  # int64 N: the epoch's permutation of the split
+    # int64 N×2: (top, left) of the i-th image's crop in its frame zero-padded by CROP_PADDING on every
+    # side, 0..2·CROP_PADDING, as torchvision's RandomCrop(32, padding=4) picks it
+    offsets: torch.Tensor
+    flips: torch.Tensor  # bool N: mirror the i-th image after cropping
 
 
 class DeviceLoader:
@@ -343,6 +330,10 @@ class DeviceLoader:
     `train`: shuffle each epoch, augment if `augment` (evaluation never augments), and drop the last
     partial batch unless `drop_last` says otherwise, so BN/SBN batch statistics never see a lone image.
     Evaluation keeps file order and the partial batch.
+
+    With augmentation the split is kept zero-padded and also mirrored (3.1× the uint8 images: 0.43 GB for
+    45k CIFAR images): a crop + flip is then one window of one of the two copies, so a batch is a single
+    gather indexed by four per-image vectors, ~7× faster on CPU than indexing every pixel.
     """
 
     def __init__(
@@ -362,14 +353,18 @@ class DeviceLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
         self.batch_size = batch_size
         self.train = train
         self.augment = augment and train
         self.channels_last = channels_last
         self.drop_last = train if drop_last is None else drop_last
         self.seed = seed
+        self.labels = split.labels.to(self.device)
+        images = split.images.to(self.device)
+        if self.augment:
+            self._windows = _crop_windows(images)
+        else:
+            self._images = images
         mean_ = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
         std_ = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
         # (x/255 − mean)/std folded into one multiply and one subtract per pixel.
@@ -385,29 +380,55 @@ class DeviceLoader:
             return self.num_images // self.batch_size
         return math.ceil(self.num_images / self.batch_size)
 
+    def draws(self, epoch: int) -> EpochDraws:
+        """The shuffle and augmentation of training epoch `epoch`: a pure function of (seed, epoch)."""
+        generator = torch.Generator(self.device).manual_seed(_seed_of(self.seed, epoch))
+        count, device = self.num_images, self.device
+        # Drawn even without augmentation, so that switching it off keeps the same order of images.
+        return EpochDraws(
+            order=torch.randperm(count, generator=generator, device=device),
+            offsets=torch.randint(0, 2 * CROP_PADDING + 1, (count, 2), generator=generator, device=device),
+            flips=torch.randint(0, 2, (count,), generator=generator, device=device).bool(),
+        )
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of `epoch`, a pure function of (seed, epoch): resuming needs no saved RNG state."""
+        """The batches of `epoch`; a resumed run replays them exactly, without saved RNG state."""
         if not self.train:
             for batch in range(len(self)):
                 part = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
-                yield self._normalize(self.images[part]), self.labels[part]
+                yield self._normalize(self._images[part]), self.labels[part]
             return
-        # Every draw of the epoch happens up front, on the device, so iterating never syncs with the host.
-        generator = torch.Generator(self.device).manual_seed(_seed_of(self.seed, epoch))
-        order = torch.randperm(self.num_images, generator=generator, device=self.device)
-        offsets = torch.randint(
-            0, 2 * CROP_PADDING + 1, (self.num_images, 2), generator=generator, device=self.device
-        )
-        flips = torch.randint(0, 2, (self.num_images,), generator=generator, device=self.device).bool()
+        # Drawn up front on the device: iterating never waits for the host nor makes it wait.
+        draws = self.draws(epoch)
         for batch in range(len(self)):
             part = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
-            images = self.images[order[part]]
+            index = draws.order[part]
             if self.augment:
-                images = crop_flip(images, offsets[part], flips[part])
-            yield self._normalize(images), self.labels[order[part]]
+                flips, (top, left) = draws.flips[part], draws.offsets[part].unbind(1)
+                # Cropping at `left` and then mirroring is the window at 2·padding − left of the mirror.
+                left = torch.where(flips, 2 * CROP_PADDING - left, left)
+                images = self._windows[flips.long(), index, top, left]
+            else:
+                images = self._images[index]
+            yield self._normalize(images), self.labels[index]
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         # `float()` keeps the memory format, and the in-place ops keep it too.
         return images.float().mul_(self._scale).sub_(self._shift)
+
+
+def _crop_windows(images: torch.Tensor) -> torch.Tensor:
+    """A view of every crop of `images`: [mirrored, image, top, left] → the C×H×W crop (no copy per crop)."""
+    count, channels, height, width = images.shape
+    pad = CROP_PADDING
+    frames = images.new_zeros(2, count, channels, height + 2 * pad, width + 2 * pad)
+    frames[0, :, :, pad:-pad, pad:-pad] = images
+    frames[1] = frames[0].flip(-1)
+    positions = 2 * pad + 1
+    mirror_stride, image_stride, channel_stride, row_stride, col_stride = frames.stride()
+    return frames.as_strided(
+        (2, count, positions, positions, channels, height, width),
+        (mirror_stride, image_stride, row_stride, col_stride, channel_stride, row_stride, col_stride),
+    )

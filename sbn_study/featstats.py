@@ -41,13 +41,17 @@ def _site_stats(y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_feature_stats(model: nn.Module, probe: torch.Tensor, sites: list[str] | None = None) -> dict[str, float]:
+def measure_feature_stats(
+    model: nn.Module, probe: torch.Tensor, sites: list[str] | None = None
+) -> dict[str, float]:
     """Runs `probe` through `model` and returns `{"fm/<site>/<stat>": value}` for every norm site."""
     sites = norm_sites(model) if sites is None else sites
     modules = dict(model.named_modules())
     outputs: dict[str, torch.Tensor] = {}
     handles = [
-        modules[site].register_forward_hook(lambda _m, _i, out, site=site: outputs.__setitem__(site, _site_stats(out)))
+        modules[site].register_forward_hook(
+            lambda _m, _i, out, site=site: outputs.__setitem__(site, _site_stats(out))
+        )
         for site in sites
     ]
     norm_modules = [modules[site] for site in sites]

@@ -47,12 +47,15 @@ IMPLS: tuple[str, ...] = ("auto", "fft")
 class _Constants(NamedTuple):
     """The fixed per-(H, W, fft_norm) pieces of the closed form."""
 
-    # k×W rows [1, (-1)^w] (the second only for even W): the row sums whose squares give the energy of the
-    # kw=0 and kw=W/2 columns.
-    row_basis: Tensor
-    # W×2 [Re, Im] of κ/Wr · Σ_{kw<Wr} exp(-2πi·kw·w/W): row 0 of one sample times this is its share of
-    # N·mu.
-    mean_weights: Tensor
+    # Rows of the input go through one GEMM `basis @ rows.T` in groups of `block` consecutive rows: a GEMM
+    # over rows of only W = 4 or 8 values runs far below memory speed, one over 16 values does not.
+    block: int
+    # Rows of the basis that give the row sums; the last 2 rows weight row 0 of a map into its share of the mean.
+    row_terms: int
+    # (row_terms + 2)×(block·W): block-diagonal copies of [1, (-1)^w] (the alternating row only for even W),
+    # whose squared projections give the energy of the kw=0 and kw=W/2 columns; then [Re, Im] of
+    # κ/Wr · Σ_{kw<Wr} exp(-2πi·kw·w/W) on the first row of the block.
+    basis: Tensor
     # 2×W row 0 of [irfft2(1), irfft2(i)], the maps that a constant complex spectrum becomes.
     spike: Tensor
     # κ²/(2·Wr): mean |X|² = energy · (W·Σx² + Σ(row sums)²) / N.
@@ -60,7 +63,9 @@ class _Constants(NamedTuple):
 
 
 @lru_cache(maxsize=64)
-def _constants(height: int, width: int, fft_norm: str, device: torch.device, dtype: torch.dtype) -> _Constants:
+def _constants(
+    height: int, width: int, block: int, fft_norm: str, device: torch.device, dtype: torch.dtype
+) -> _Constants:
     # Built outside inference mode and autograd so that a first call under torch.inference_mode() does not
     # leave inference tensors in the cache that a later training step could not use.
     with torch.inference_mode(False), torch.no_grad():
@@ -69,11 +74,14 @@ def _constants(height: int, width: int, fft_norm: str, device: torch.device, dty
             fft_norm
         ]
         w = torch.arange(width, dtype=torch.float64)
-        angle = 2 * math.pi * torch.outer(torch.arange(half, dtype=torch.float64), w) / width
-        mean_weights = torch.stack([angle.cos().sum(0), -angle.sin().sum(0)], dim=1) * (kappa / half)
-        rows = [torch.ones(width, dtype=torch.float64)]
+        row_basis = [torch.ones(width, dtype=torch.float64)]
         if width % 2 == 0:
-            rows.append(1.0 - 2.0 * (w % 2))
+            row_basis.append(1.0 - 2.0 * (w % 2))
+        angle = 2 * math.pi * torch.outer(torch.arange(half, dtype=torch.float64), w) / width
+        mean_rows = torch.zeros(2, block * width, dtype=torch.float64)
+        mean_rows[0, :width] = angle.cos().sum(0) * (kappa / half)
+        mean_rows[1, :width] = -angle.sin().sum(0) * (kappa / half)
+        basis = torch.cat([torch.block_diag(*[torch.stack(row_basis)] * block), mean_rows])
         ones = torch.ones(height, half, dtype=torch.complex128)
         spike = torch.stack(
             [
@@ -82,35 +90,53 @@ def _constants(height: int, width: int, fft_norm: str, device: torch.device, dty
             ]
         )
         return _Constants(
-            row_basis=torch.stack(rows).to(device, dtype),
-            mean_weights=mean_weights.to(device, dtype),
+            block=block,
+            row_terms=block * len(row_basis),
+            basis=basis.to(device, dtype),
             spike=spike.to(device, dtype),
             energy=kappa * kappa / (2 * half),
         )
+
+
+def _block_rows(x: Tensor) -> int:
+    """How many rows of an NCHW-contiguous x one GEMM row takes: the most that divide H and fit in 16 values."""
+    height, width = x.shape[-2:]
+    if _channels_last(x) or width >= 16:
+        return 1
+    return max(b for b in range(1, height + 1) if height % b == 0 and b * width <= 16)
 
 
 def _channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _row_sums(x: Tensor, basis: Tensor) -> Tensor:
-    """`x @ basis.T` over W as a k×N×C×H view, as one GEMM over x's own layout."""
+def _project(x: Tensor, consts: _Constants) -> Tensor:
+    """`basis @ rows.T` as a K×N×C×(H/block) view, one GEMM over x's own layout."""
     n, c, h, w = x.shape
-    k = basis.shape[0]
+    k = consts.basis.shape[0]
     if _channels_last(x):
-        return torch.matmul(basis, x.permute(0, 2, 3, 1)).permute(2, 0, 3, 1)
-    return (basis @ x.view(-1, w).T).view(k, n, c, h)
+        return torch.matmul(consts.basis, x.permute(0, 2, 3, 1)).permute(2, 0, 3, 1)
+    return (consts.basis @ x.view(-1, consts.block * w).T).view(k, n, c, h // consts.block)
 
 
-def _add_row_terms_(out: Tensor, coef: Tensor, basis: Tensor) -> None:
-    """`out += coef @ basis` over W (coef: k×N×C×H), in place, as one GEMM over out's own layout."""
+def _add_projection_(out: Tensor, coef: Tensor, consts: _Constants) -> None:
+    """`out += coef.T @ basis` over the rows of out (coef laid out as `_project` returns it), in place."""
     n, c, h, w = out.shape
-    k = basis.shape[0]
+    k = consts.basis.shape[0]
     if _channels_last(out):
         rows = out.permute(0, 2, 3, 1).view(n * h, w, c)
-        rows.baddbmm_(basis.T.expand(n * h, w, k), coef.permute(1, 3, 0, 2).reshape(n * h, k, c))
+        rows.baddbmm_(consts.basis.T.expand(n * h, w, k), coef.permute(1, 3, 0, 2).reshape(n * h, k, c))
     else:
-        out.view(-1, w).addmm_(coef.reshape(k, -1).T, basis)
+        out.view(-1, consts.block * w).addmm_(coef.reshape(k, -1).T, consts.basis)
+
+
+def _sum_of_squares_per_channel(z: Tensor) -> Tensor:
+    """Σ z² over all but dim 2 of a K×N×C×B tensor."""
+    k, n, c, b = z.shape
+    if z.is_contiguous():
+        # Column sums vectorize; a reduction over the short trailing dimension does not.
+        return torch.linalg.vector_norm(z.view(k * n, c * b), dim=0).square().view(c, b).sum(1)
+    return torch.linalg.vector_norm(z, dim=(0, 1, 3)).square()
 
 
 def _channel_sum_of_squares(x: Tensor) -> Tensor:
@@ -149,13 +175,16 @@ class _ClosedForm(torch.autograd.Function):
         consts: _Constants,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, c, h, w = x.shape
-        row_sums = None
+        projection = None
         if mean is None or var is None:
-            row_sums = _row_sums(x, consts.row_basis)
+            projection = _project(x, consts)
+            rows = consts.row_terms
             second_moment = (
-                consts.energy * (w * _channel_sum_of_squares(x) + row_sums.square().sum((0, 1, 3))) / n
+                consts.energy
+                * (w * _channel_sum_of_squares(x) + _sum_of_squares_per_channel(projection[:rows]))
+                / n
             )
-            mean = (x[:, :, 0, :].sum(0) @ consts.mean_weights) / n
+            mean = projection[rows:, :, :, 0].sum(1).T / n
             # E|X|² - |mu|² may round below zero when |mu|² dominates; the true value never is.
             var = (second_moment - mean.square().sum(1)).clamp_min(0)
         inv_std = (var + eps).rsqrt()
@@ -166,7 +195,7 @@ class _ClosedForm(torch.autograd.Function):
         y = torch.empty_like(x)
         torch.mul(x, scale[:, None, None], out=y)
         y[:, :, 0, :] += shift @ consts.spike
-        ctx.save_for_backward(x, weight, mean, inv_std, scale, row_sums)
+        ctx.save_for_backward(x, weight, mean, inv_std, scale, projection)
         ctx.consts = consts  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -176,12 +205,13 @@ class _ClosedForm(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        x, weight, mean, inv_std, scale, row_sums = ctx.saved_tensors
+        x, weight, mean, inv_std, scale, projection = ctx.saved_tensors
         consts: _Constants = ctx.consts
         n, c, h, w = x.shape
-        batch_stats = row_sums is not None
+        batch_stats = projection is not None
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_y = grad_y.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+        memory_format = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        grad_y = grad_y.contiguous(memory_format=memory_format)
 
         # dL/dc for c = [Re, Im] of beta - s·mu: the spike only touches row 0.
         grad_shift = grad_y[:, :, 0, :].sum(0) @ consts.spike.T
@@ -198,11 +228,16 @@ class _ClosedForm(torch.autograd.Function):
             if batch_stats:
                 grad_var = -0.5 * grad_scale * scale * inv_std.square()
                 grad_mean = -scale[:, None] * grad_shift - 2 * mean * grad_var[:, None]
-                # d E|X|²/dx = (2·energy/N)·(W·x + Σ_k row_sums_k·row_basis_k).
+                # d E|X|²/dx = (2·energy/N)·(W·x + Σ_k projection_k·basis_k) over the row terms of the basis;
+                # the mean terms of the basis carry dL/dmu / N on the first row block of each map.
                 coef = (2 * consts.energy / n) * grad_var
                 grad_x.addcmul_(x, (w * coef)[:, None, None])
-                _add_row_terms_(grad_x, row_sums * coef[:, None], consts.row_basis)
-                grad_x[:, :, 0, :] += (grad_mean @ consts.mean_weights.T) / n
+                rows = consts.row_terms
+                projection_coef = torch.empty_like(projection)
+                torch.mul(projection[:rows], coef[:, None], out=projection_coef[:rows])
+                projection_coef[rows:].zero_()
+                projection_coef[rows:, :, :, 0] = (grad_mean.T / n)[:, None, :]
+                _add_projection_(grad_x, projection_coef, consts)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
@@ -352,7 +387,7 @@ class SpectralBatchNorm2d(nn.Module):
             if self.impl == "fft":
                 y, batch_mean, batch_var = _fft_form(x, weight, bias, mean, var, self.eps, self.fft_norm)
             else:
-                consts = _constants(h, w, self.fft_norm, x.device, compute_dtype)
+                consts = _constants(h, w, _block_rows(x), self.fft_norm, x.device, compute_dtype)
                 y, batch_mean, batch_var = _ClosedForm.apply(x, weight, bias, mean, var, self.eps, consts)
             if self.training and self.track_running_stats:
                 self._update_running_stats(batch_mean, batch_var, bins=n * h * (w // 2 + 1))

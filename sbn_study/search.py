@@ -13,6 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
 from sbn_study.spec import StudySpec
 
 
@@ -26,9 +29,13 @@ def make_sampler(spec: StudySpec) -> Any:
     if sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sampler.type == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=sampler.n_startup_trials, warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=sampler.n_startup_trials, warn_independent_sampling=False
+        )
     if sampler.type == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=sampler.n_startup_trials, warn_independent_sampling=False)
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=sampler.n_startup_trials, warn_independent_sampling=False
+        )
     if sampler.type == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     if sampler.type == "nsga2":
@@ -42,40 +49,54 @@ def make_scheduler(spec: StudySpec) -> Any:
     scheduler = spec.search.scheduler
     metric, mode = spec.search.metrics[0], spec.search.modes[0]
     if scheduler.type == "asha":
-        return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=spec.max_budget,
-                             grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor)
+        return ASHAScheduler(
+            time_attr="epoch",
+            metric=metric,
+            mode=mode,
+            max_t=spec.max_budget,
+            grace_period=scheduler.grace_period,
+            reduction_factor=scheduler.reduction_factor,
+        )
     if scheduler.type == "hyperband":
-        return HyperBandScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=spec.max_budget,
-                                  reduction_factor=scheduler.reduction_factor)
+        return HyperBandScheduler(
+            time_attr="epoch",
+            metric=metric,
+            mode=mode,
+            max_t=spec.max_budget,
+            reduction_factor=scheduler.reduction_factor,
+        )
     if scheduler.type == "median":
-        return MedianStoppingRule(time_attr="epoch", metric=metric, mode=mode, grace_period=scheduler.grace_period)
+        return MedianStoppingRule(
+            time_attr="epoch", metric=metric, mode=mode, grace_period=scheduler.grace_period
+        )
     return FIFOScheduler()
 
 
-def define_space(spec: StudySpec) -> Any:
-    """A define-by-run function: conditional parameters are only asked for when their `when` holds."""
-    space = spec.search.space
-    base = spec.base_config()
+class SearchSpace:
+    """Optuna define-by-run space (a class, so that Tune can pickle the searcher into its experiment state).
 
-    def current(sampled: dict[str, Any], key: str) -> Any:
+    Conditional parameters are only asked for when their `when` holds on what was sampled so far, or on the
+    base configuration for keys that are not searched.
+    """
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.space = spec.search.space
+        self.base = spec.base_config()
+
+    def current(self, sampled: dict[str, Any], key: str) -> Any:
         if key in sampled:
             return sampled[key]
-        node: Any = base
+        node: Any = self.base
         for part in key.split("."):
             node = getattr(node, part)
         return node
 
-    def sample(trial: Any) -> dict[str, Any]:
+    def __call__(self, trial: Any) -> dict[str, Any]:
         sampled: dict[str, Any] = {}
-        for key, dist in space.items():
-            if dist.when and not all(
-                current(sampled, k) in (v if isinstance(v, list) else [v]) for k, v in dist.when.items()
-            ):
-                continue
-            sampled[key] = suggest(trial, key, dist)
+        for key, dist in self.space.items():
+            if all(self.current(sampled, k) in values for k, values in dist.when.items()):
+                sampled[key] = suggest(trial, key, dist)
         return sampled
-
-    return sample
 
 
 def suggest(trial: Any, key: str, dist: Any) -> Any:
@@ -95,49 +116,39 @@ def suggest(trial: Any, key: str, dist: Any) -> Any:
     raise ValueError(f"unknown distribution {kind!r}")  # the spec schema makes this unreachable
 
 
-def make_searcher(spec: StudySpec) -> Any:
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
+class StudySearch(OptunaSearch):
+    """OptunaSearch that reports per-epoch values and tells scheduler-stopped trials as PRUNED."""
 
-    metrics, modes = spec.search.metrics, spec.search.modes
-    single = len(metrics) == 1
-    max_budget = spec.max_budget
+    def __init__(self, spec: StudySpec) -> None:
+        self.objectives = spec.search.metrics
+        self.max_budget = spec.max_budget
+        single = len(self.objectives) == 1
+        super().__init__(
+            space=SearchSpace(spec),
+            metric=self.objectives[0] if single else self.objectives,
+            mode=spec.search.modes[0] if single else spec.search.modes,
+            sampler=make_sampler(spec),
+        )
 
-    class StudySearch(OptunaSearch):
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if not single or trial_id in self._completed_trials or metrics[0] not in result:
-                return
-            value = result[metrics[0]]
-            if math.isfinite(value):
-                self._ot_trials[trial_id].report(value, int(result["epoch"]))
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Optuna keeps intermediate values for single-objective studies only.
+        if len(self.objectives) > 1 or trial_id in self._completed_trials or self.objectives[0] not in result:
+            return
+        value = result[self.objectives[0]]
+        if math.isfinite(value):
+            self._ot_trials[trial_id].report(value, int(result["epoch"]))
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            ot_trial = self._ot_trials[trial_id]
-            values = [result.get(m) for m in metrics] if result else [None]
-            if error or any(v is None for v in values):
-                self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
-            elif not result.get("diverged") and result.get("epoch", 0) < max_budget:
-                self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
-            else:
-                self._ot_study.tell(ot_trial, values[0] if single else values, state=TrialState.COMPLETE)
-            self._completed_trials.add(trial_id)
-
-    return StudySearch(
-        space=define_space(spec),
-        metric=metrics[0] if single else metrics,
-        mode=modes[0] if single else modes,
-        sampler=make_sampler(spec),
-    )
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        values = [result.get(m) for m in self.objectives] if result else [None]
+        if error or any(v is None for v in values):
+            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+        elif not result.get("diverged") and result.get("epoch", 0) < self.max_budget:
+            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+        else:
+            self._ot_study.tell(ot_trial, values[0] if len(values) == 1 else values, state=TrialState.COMPLETE)
+        self._completed_trials.add(trial_id)
 
 
-def categorical_fallback_warning(spec: StudySpec) -> str | None:
-    """GP, CMA-ES and QMC sample categorical parameters (placement!) independently at random."""
-    if spec.search.sampler.type not in ("gp", "cmaes", "qmc"):
-        return None
-    categorical = [key for key, dist in spec.search.space.items() if dist.kind == "choice"]
-    if not categorical:
-        return None
-    return (f"sampler '{spec.search.sampler.type}' samples categorical parameters ({', '.join(categorical)}) "
-            "at random; use tpe for a model of them")

@@ -631,14 +631,19 @@ def _objective_errors(search: SearchConfig) -> list[str]:
 
 
 def _budget_errors(search: SearchConfig, base: Mapping[str, Any]) -> list[str]:
-    scheduler = search.scheduler
-    budget = base.get("train.epochs") if scheduler.max_t is None else scheduler.max_t
-    if scheduler.type == "none" or budget is None or scheduler.grace_period <= budget:
-        return []
-    return [
-        f"search.scheduler.grace_period: must be <= the budget of {budget} epochs (search.scheduler.max_t, "
-        f"else train.epochs), got {scheduler.grace_period}"
-    ]
+    scheduler, epochs = search.scheduler, base.get("train.epochs")
+    errors = []
+    fixed_epochs = None if "train.epochs" in search.space else epochs
+    if scheduler.max_t is not None and fixed_epochs is not None and scheduler.max_t > fixed_epochs:
+        # Every trial would end below the budget, and a trial that ends below it counts as stopped early.
+        errors.append(f"search.scheduler.max_t: must be <= train.epochs ({epochs}), got {scheduler.max_t}")
+    budget = epochs if scheduler.max_t is None else scheduler.max_t
+    if scheduler.type != "none" and budget is not None and scheduler.grace_period > budget:
+        errors.append(
+            f"search.scheduler.grace_period: must be <= the budget of {budget} epochs "
+            f"(search.scheduler.max_t, else train.epochs), got {scheduler.grace_period}"
+        )
+    return errors
 
 
 def _component_errors(

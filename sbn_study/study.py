@@ -7,7 +7,9 @@ dataset is loaded once and shared through the object store.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +18,14 @@ from typing import Any
 
 from sbn_study.errors import UserError
 from sbn_study.spec import StudySpec
-from sbn_study.tracking import ENDED_STATUSES, check_reachable, ensure_experiment, is_remote_store, redact_uri, resolve_tracking_uri
+from sbn_study.tracking import (
+    ENDED_STATUSES,
+    check_reachable,
+    ensure_experiment,
+    is_remote_store,
+    redact_uri,
+    resolve_tracking_uri,
+)
 
 
 @dataclass(frozen=True)
@@ -80,12 +89,17 @@ def _check_cluster(spec: StudySpec, uri: str) -> None:
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     need_cpu, need_gpu = spec.resources.cpu, spec.resources.gpu
-    fits = [n for n in nodes
-            if n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0) >= need_gpu]
+    fits = [
+        n
+        for n in nodes
+        if n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0) >= need_gpu
+    ]
     if not fits:
         largest = max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)))
         have = f"{largest['Resources'].get('CPU', 0):g} CPUs and {largest['Resources'].get('GPU', 0):g} GPUs"
-        what = "GPUs" if need_gpu > 0 and not any(n["Resources"].get("GPU", 0) for n in nodes) else "resources"
+        what = (
+            "GPUs" if need_gpu > 0 and not any(n["Resources"].get("GPU", 0) for n in nodes) else "resources"
+        )
         raise UserError(
             f"resources: no node of the cluster has the {what} one trial needs "
             f"({need_cpu:g} CPUs, {need_gpu:g} GPUs; the largest node has {have})"
@@ -133,20 +147,30 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
             ray.shutdown()
 
 
-def _run(spec: StudySpec, spec_text: str, options: RunOptions, output: Path, uri: str, state_file: Path,
-         state: dict[str, Any] | None) -> StudyOutcome:
+def _run(
+    spec: StudySpec,
+    spec_text: str,
+    options: RunOptions,
+    output: Path,
+    uri: str,
+    state_file: Path,
+    state: dict[str, Any] | None,
+) -> StudyOutcome:
     import ray.tune as tune
     import yaml
 
     from sbn_study.callbacks import ProgressTable, TrackingCallback
     from sbn_study.data import load_dataset
-    from sbn_study.search import make_scheduler, make_searcher
-    from sbn_study.trainable import run_trial
+    from sbn_study.search import StudySearch, make_scheduler
     from sbn_study.tracking import StudyTracker
+    from sbn_study.trainable import run_trial
 
     # Tune's CSV/JSON/TensorBoard loggers would write every feature statistic of every result a second
-    # time; MLflow is the record.
+    # time; MLflow is the record. Tune's own warnings about those missing files and about checkpointing every
+    # epoch (which we do on purpose, so a restarted trial loses at most one epoch) would bury the live table.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
     dataset = load_dataset(spec.data)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, dataset=dataset),
@@ -158,19 +182,26 @@ def _run(spec: StudySpec, spec_text: str, options: RunOptions, output: Path, uri
     if state is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         tracker = StudyTracker.start(uri, experiment_id, spec.name, f"{spec.name}-{stamp}", unsent)
-        tracker.log_study_artifacts({
-            "spec.yaml": spec_text,
-            "resolved.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
-        })
+        tracker.log_study_artifacts(
+            {
+                "spec.yaml": spec_text,
+                "resolved.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
+            }
+        )
         storage = spec.storage or str(output / "ray")
-        state = {"status": "running", "parent_run_id": tracker.parent_run_id, "experiment_id": experiment_id,
-                 "tune_path": f"{storage.rstrip('/')}/{spec.name}-{stamp}", "tracking_uri": redact_uri(uri)}
+        state = {
+            "status": "running",
+            "parent_run_id": tracker.parent_run_id,
+            "experiment_id": experiment_id,
+            "tune_path": f"{storage.rstrip('/')}/{spec.name}-{stamp}",
+            "tracking_uri": redact_uri(uri),
+        }
         _write_state(state_file, state)
         tracking = TrackingCallback(spec, uri, experiment_id, tracker.parent_run_id, unsent)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(spec),
+                search_alg=StudySearch(spec),
                 scheduler=make_scheduler(spec),
                 num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.search.max_concurrent,
@@ -187,16 +218,16 @@ def _run(spec: StudySpec, spec_text: str, options: RunOptions, output: Path, uri
             ),
         )
     else:
-        tracker = StudyTracker.start(uri, state["experiment_id"], spec.name, "", unsent,
-                                     parent_run_id=state["parent_run_id"])
+        tracker = StudyTracker.start(
+            uri, state["experiment_id"], spec.name, "", unsent, parent_run_id=state["parent_run_id"]
+        )
         state["status"] = "running"
         _write_state(state_file, state)
         tuner = tune.Tuner.restore(state["tune_path"], trainable, resume_unfinished=True, resume_errored=True)
 
-    try:
+    # Tune turns the first Ctrl-C into a graceful, checkpointed stop; a second one lands here.
+    with contextlib.suppress(KeyboardInterrupt):
         tuner.fit()
-    except KeyboardInterrupt:
-        pass  # a second Ctrl-C; Tune already turned the first into a graceful, checkpointed stop
     trial_statuses = _trial_statuses(tracker)
     ended = sum(status in ENDED_STATUSES for status in trial_statuses.values())
     interrupted = ended < spec.search.num_samples
@@ -219,15 +250,20 @@ def _run(spec: StudySpec, spec_text: str, options: RunOptions, output: Path, uri
 
 
 def _trial_runs(tracker: Any) -> list[Any]:
-    return list(tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'",
-        max_results=10000,
-    ))
+    return list(
+        tracker.client.search_runs(
+            [tracker.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'",
+            max_results=10000,
+        )
+    )
 
 
 def _trial_statuses(tracker: Any) -> dict[str, str]:
-    return {run.data.tags.get("sbn.trial_id", run.info.run_id): run.data.tags.get("sbn.status", "?")
-            for run in _trial_runs(tracker)}
+    return {
+        run.data.tags.get("sbn.trial_id", run.info.run_id): run.data.tags.get("sbn.status", "?")
+        for run in _trial_runs(tracker)
+    }
 
 
 def _best_trial(tracker: Any, spec: StudySpec) -> dict[str, Any] | None:

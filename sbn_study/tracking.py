@@ -63,7 +63,9 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             return
     except Exception as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"tracking.uri: cannot reach the MLflow server at {redact_uri(uri)} ({reason})") from None
+        raise UserError(
+            f"tracking.uri: cannot reach the MLflow server at {redact_uri(uri)} ({reason})"
+        ) from None
 
 
 def _client(uri: str) -> Any:
@@ -82,7 +84,9 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = None if artifact_root is None or is_remote_store(uri) else (artifact_root / name).resolve().as_uri()
+    location = (
+        None if artifact_root is None or is_remote_store(uri) else (artifact_root / name).resolve().as_uri()
+    )
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -106,8 +110,15 @@ class StudyTracker:
         self._pending: list[tuple[str, str, dict[str, Any]]] = []  # (operation, run_id, arguments)
 
     @classmethod
-    def start(cls, uri: str, experiment_id: str, study: str, run_name: str, unsent_path: Path,
-              parent_run_id: str | None = None) -> StudyTracker:
+    def start(
+        cls,
+        uri: str,
+        experiment_id: str,
+        study: str,
+        run_name: str,
+        unsent_path: Path,
+        parent_run_id: str | None = None,
+    ) -> StudyTracker:
         """Opens a new parent run, or reopens `parent_run_id` when a study is resumed."""
         client = _client(uri)
         if parent_run_id is None:
@@ -121,8 +132,14 @@ class StudyTracker:
         for name, text in files.items():
             self.client.log_text(self.parent_run_id, text, name)
 
-    def trial_run(self, trial_id: str, run_name: str, params: Mapping[str, Any], config_yaml: str,
-                  tags: Mapping[str, str]) -> str:
+    def trial_run(
+        self,
+        trial_id: str,
+        run_name: str,
+        params: Mapping[str, Any],
+        config_yaml: str,
+        tags: Mapping[str, str],
+    ) -> str:
         """The run of `trial_id`: found again by its tag after a resume, else created with its params."""
         if trial_id in self._runs:
             return self._runs[trial_id]
@@ -135,8 +152,12 @@ class StudyTracker:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            all_tags = {"mlflow.parentRunId": self.parent_run_id, "sbn.trial_id": trial_id, "sbn.status": "running",
-                        **tags}
+            all_tags = {
+                "mlflow.parentRunId": self.parent_run_id,
+                "sbn.trial_id": trial_id,
+                "sbn.status": "running",
+                **tags,
+            }
             run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
             from mlflow.entities import Param
 
@@ -149,7 +170,9 @@ class StudyTracker:
 
     def log_metrics(self, trial_id: str, metrics: Mapping[str, float], step: int) -> None:
         timestamp = int(time.time() * 1000)
-        self._write("metrics", self._runs[trial_id], {"metrics": dict(metrics), "step": step, "timestamp": timestamp})
+        self._write(
+            "metrics", self._runs[trial_id], {"metrics": dict(metrics), "step": step, "timestamp": timestamp}
+        )
 
     def set_tags(self, trial_id: str, tags: Mapping[str, str]) -> None:
         self._write("tags", self._runs[trial_id], {"tags": dict(tags)})
@@ -211,7 +234,9 @@ class StudyTracker:
             for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
                 self.client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
         elif operation == "tags":
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in arguments["tags"].items()], synchronous=True)
+            self.client.log_batch(
+                run_id, tags=[RunTag(k, v) for k, v in arguments["tags"].items()], synchronous=True
+            )
         elif operation == "end":
             self.client.set_terminated(run_id, status=arguments["status"])
         elif operation == "end_if_running":

@@ -66,7 +66,10 @@ def make_optimizer(model: nn.Module, config: TrialConfig) -> torch.optim.SGD:
     if not train.norm_weight_decay:
         norm_ids = {id(p) for p in norm_parameters(model)}
         params = [
-            {"params": [p for p in model.parameters() if id(p) not in norm_ids], "weight_decay": train.weight_decay},
+            {
+                "params": [p for p in model.parameters() if id(p) not in norm_ids],
+                "weight_decay": train.weight_decay,
+            },
             {"params": [p for p in model.parameters() if id(p) in norm_ids], "weight_decay": 0.0},
         ]
     return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov)
@@ -74,7 +77,9 @@ def make_optimizer(model: nn.Module, config: TrialConfig) -> torch.optim.SGD:
 
 def _autocast(device: torch.device, enabled: bool):
     # bf16 needs no loss scaling; SBN upcasts to float32 internally because bf16 FFTs do not exist.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+    )
 
 
 @torch.no_grad()
@@ -101,8 +106,13 @@ def _probe_batch(dataset: ImageDataset, config: TrialConfig, device: torch.devic
     source = dataset.val if dataset.val.labels.numel() else dataset.train
     probe = Split(source.images[: config.features.probe_size], source.labels[: config.features.probe_size])
     loader = DeviceLoader(
-        probe, config.features.probe_size, device=device, train=False, augment=False,
-        mean=dataset.mean, std=dataset.std,
+        probe,
+        config.features.probe_size,
+        device=device,
+        train=False,
+        augment=False,
+        mean=dataset.mean,
+        std=dataset.std,
     )
     images, _ = next(iter(loader.epoch(0)))
     return images
@@ -129,10 +139,15 @@ def train(
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model) if tc.compile else model
 
-    loader_options = {"device": device, "mean": dataset.mean, "std": dataset.std,
-                      "channels_last": memory_format is torch.channels_last}
-    train_loader = DeviceLoader(dataset.train, tc.batch_size, train=True, augment=config.data.augment,
-                                seed=tc.seed, **loader_options)
+    loader_options = {
+        "device": device,
+        "mean": dataset.mean,
+        "std": dataset.std,
+        "channels_last": memory_format is torch.channels_last,
+    }
+    train_loader = DeviceLoader(
+        dataset.train, tc.batch_size, train=True, augment=config.data.augment, seed=tc.seed, **loader_options
+    )
     val_loader = DeviceLoader(dataset.val, tc.eval_batch_size, train=False, augment=False, **loader_options)
     probe = _probe_batch(dataset, config, device) if config.features.enabled else None
 
@@ -199,7 +214,9 @@ def train(
         if val_acc > result.best_val_acc:
             result.best_val_acc, result.best_epoch = val_acc, epoch + 1
             if keep_best:
-                result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                result.best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                }
         result.history.append(metrics)
 
         def make_checkpoint(epoch_done: int = epoch + 1) -> Checkpoint:

@@ -21,7 +21,9 @@ def worst_values(spec: StudySpec) -> dict[str, float]:
     """What a diverged trial reports for the searched metrics: the worst possible value of each."""
     metrics = spec.search.metrics
     modes = spec.search.modes
-    return {m: float("-inf") if mode == "max" else float("inf") for m, mode in zip(metrics, modes, strict=True)}
+    return {
+        m: float("-inf") if mode == "max" else float("inf") for m, mode in zip(metrics, modes, strict=True)
+    }
 
 
 def run_trial(sampled: dict[str, Any], *, spec: StudySpec, dataset: ImageDataset) -> None:

@@ -16,8 +16,8 @@ from sbn_study.spec import Distribution, SpecError, StudySpec, load_spec, spec_f
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
-# Valid and small; the cases below change one thing each. The arch and placement are explicit because the
-# TrialConfig defaults (tiny, "34") do not fit each other.
+# Valid and small; the cases below change one thing each. The arch and placement are explicit so that the
+# expected lines do not depend on the TrialConfig defaults.
 BASE: dict[str, Any] = {
     "name": "t",
     "model": {"arch": "tiny"},
@@ -159,10 +159,16 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
         ],
     ),
     (
+        "budget beyond the epochs",
+        {"search": {"scheduler": {"max_t": 5}}},
+        ["search.scheduler.max_t: must be <= train.epochs (4), got 5"],
+    ),
+    (
         "distribution not a mapping",
         space(norm__eps=0.1),
         [
-            "search.space.norm.eps: expected a mapping such as {choice: [a, b]} or {loguniform: [low, high]}, "
+            "search.space.norm.eps: expected a mapping such as {choice: [a, b]} or "
+            "{loguniform: [low, high]}, "
             "got 0.1"
         ],
     ),
@@ -191,7 +197,8 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
         "choice of lists",
         space(train__milestones={"choice": [[1, 2]]}),
         [
-            "search.space.train.milestones: choice values must be strings, numbers, booleans or null, got [1, 2]"
+            "search.space.train.milestones: choice values must be strings, numbers, booleans or null, "
+            "got [1, 2]"
         ],
     ),
     (
@@ -256,7 +263,8 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
         "searched key outside the trial config",
         space(resources__gpu={"choice": [0.5, 1]}),
         [
-            "search.space.resources.gpu: cannot be searched: only keys of data, model, norm, train, features can"
+            "search.space.resources.gpu: cannot be searched: "
+            "only keys of data, model, norm, train, features can"
         ],
     ),
     (
@@ -264,7 +272,8 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
         space(data__synthetic={"choice": [1]}),
         [
             "search.space.data.synthetic: a section, not a single setting (search its keys: "
-            "data.synthetic.train_size, data.synthetic.test_size, data.synthetic.num_classes, data.synthetic.seed)"
+            "data.synthetic.train_size, data.synthetic.test_size, data.synthetic.num_classes, "
+            "data.synthetic.seed)"
         ],
     ),
     (
@@ -310,7 +319,8 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
             norm__fft_norm={"choice": ["backward", "ortho"], "when": {"norm.kind": ["sbn", "bn"]}},
         ),
         [
-            "search.space.norm.fft_norm.when.norm.kind: expected one of the choices of norm.kind (sbn, 2bn), got 'bn'"
+            "search.space.norm.fft_norm.when.norm.kind: "
+            "expected one of the choices of norm.kind (sbn, 2bn), got 'bn'"
         ],
     ),
 ]
@@ -386,7 +396,8 @@ def test_overrides_change_values_before_validation() -> None:
         (
             "train.epochs=[1",
             [
-                "--set train.epochs=[1: value is not valid YAML: line 1: expected ',' or ']', but got '<stream end>'"
+                "--set train.epochs=[1: value is not valid YAML: "
+                "line 1: expected ',' or ']', but got '<stream end>'"
             ],
         ),
     ],

@@ -1,0 +1,151 @@
+"""The training core on the CPU: it learns, it resumes exactly, it reports, it detects divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sbn_study.config import TrialConfig
+from sbn_study.data import load_dataset
+from sbn_study.featstats import STAT_NAMES, measure_feature_stats
+from sbn_study.models import create_model
+from sbn_study.norms import norm_sites
+from sbn_study.train import lr_at, train
+
+
+def tiny_config(**train_overrides: object) -> TrialConfig:
+    config = TrialConfig.model_validate(
+        {
+            "data": {
+                "dataset": "synthetic",
+                "val_size": 256,
+                "synthetic": {"train_size": 1280, "test_size": 128},
+            },
+            "model": {"arch": "tiny", "width": 8},
+            "norm": {"kind": "sbn", "placement": "3"},
+            "train": {
+                "epochs": 4,
+                "batch_size": 64,
+                "lr": 0.05,
+                "schedule": "cosine",
+                "weight_decay": 5e-4,
+                **train_overrides,
+            },
+            "features": {"interval": 2, "probe_size": 64},
+        }
+    )
+    return config
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_dataset(tiny_config().data)
+
+
+def test_tiny_model_learns_synthetic_data_well_above_chance(dataset) -> None:
+    config = tiny_config(epochs=5)
+    reports: list[dict[str, float]] = []
+    result = train(config, dataset=dataset, report=lambda metrics, _ckpt: reports.append(metrics))
+    chance = 1 / dataset.num_classes
+    assert result.status == "completed"
+    assert result.best_val_acc > 3 * chance, result.history
+    epochs = [m for m in reports if m["epoch"] >= 1]
+    assert [m["epoch"] for m in epochs] == [1, 2, 3, 4, 5]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"):
+        assert all(math.isfinite(m[key]) for m in epochs), key
+
+
+def test_reports_feature_statistics_at_init_and_every_interval(dataset) -> None:
+    reports: list[tuple[dict[str, float], bool]] = []
+    train(
+        tiny_config(epochs=4), dataset=dataset, report=lambda m, ckpt: reports.append((m, ckpt is not None))
+    )
+    with_stats = [int(m["epoch"]) for m, _ in reports if any(k.startswith("fm/") for k in m)]
+    assert with_stats == [0, 2, 4]
+    initial, has_checkpoint = reports[0]
+    assert not has_checkpoint  # epoch 0 has nothing to resume from
+    assert {"fm/layer3.bn.sbn/norm", "fm/layer3.bn.bn/p93", "fm/bn1/flatness"} <= initial.keys()
+
+
+def test_feature_statistics_disabled_add_nothing(dataset) -> None:
+    config = tiny_config(epochs=1)
+    config.features.enabled = False
+    reports: list[dict[str, float]] = []
+    train(config, dataset=dataset, report=lambda m, _: reports.append(m))
+    assert [k for m in reports for k in m if k.startswith("fm/")] == []
+
+
+def test_resume_from_checkpoint_continues_exactly(dataset) -> None:
+    config = tiny_config(epochs=3)
+    full = train(config, dataset=dataset)
+    checkpoints = []
+    train(
+        config.model_copy(update={"train": config.train.model_copy(update={"epochs": 3})}),
+        dataset=dataset,
+        report=lambda m, ckpt: ckpt is not None and m["epoch"] == 2 and checkpoints.append(ckpt()),
+    )
+    resumed = train(config, dataset=dataset, resume=checkpoints[0])
+    assert resumed.epochs_run == 3
+    assert resumed.history[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"], rel=1e-5)
+    assert resumed.history[-1]["val_acc"] == pytest.approx(full.history[-1]["val_acc"], abs=1e-9)
+
+
+def test_same_seed_same_result_other_seed_differs(dataset) -> None:
+    a = train(tiny_config(epochs=1, seed=3), dataset=dataset).history[-1]["train_loss"]
+    b = train(tiny_config(epochs=1, seed=3), dataset=dataset).history[-1]["train_loss"]
+    c = train(tiny_config(epochs=1, seed=4), dataset=dataset).history[-1]["train_loss"]
+    assert a == b
+    assert a != c
+
+
+def test_divergence_ends_the_run_at_once(dataset) -> None:
+    reports: list[dict[str, float]] = []
+    result = train(
+        tiny_config(epochs=4, lr=1e6, schedule="constant"),
+        dataset=dataset,
+        report=lambda m, _: reports.append(m),
+    )
+    assert result.status == "diverged"
+    assert reports[-1]["diverged"] == 1.0
+    assert result.epochs_run < 4 or reports[-1]["epoch"] == 4
+
+
+def test_step_schedule_defaults_to_the_papers_milestones() -> None:
+    config = TrialConfig()  # 200 epochs, lr 0.1, ×0.2 at 60/120/160
+    assert [round(lr_at(config, e), 6) for e in (0, 59, 60, 119, 120, 160, 199)] == [
+        0.1,
+        0.1,
+        0.02,
+        0.02,
+        0.004,
+        0.0008,
+        0.0008,
+    ]
+
+
+def test_sbn_sites_have_far_smaller_feature_norm_than_the_bn_before_them() -> None:
+    """The paper's qualitative claim, on the untrained ResNet-18 with SBN34."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", 100, norm="sbn", placement="34")
+    probe = torch.randn(16, 3, 32, 32)
+    stats = measure_feature_stats(model, probe)
+    sbn_sites = [s for s in norm_sites(model) if s.endswith(".sbn")]
+    assert len(sbn_sites) == 10
+    for site in sbn_sites:
+        bn_norm = stats[f"fm/{site.removesuffix('.sbn')}.bn/norm"]
+        assert stats[f"fm/{site}/norm"] < bn_norm / 4, site
+    assert len(stats) == len(norm_sites(model)) * len(STAT_NAMES)
+
+
+def test_feature_statistics_leave_the_model_untouched() -> None:
+    model = create_model("tiny", 10, norm="sbn", placement="all", width=8)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    measure_feature_stats(model, torch.randn(8, 3, 32, 32))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
