@@ -1,0 +1,68 @@
+"""Shared fixtures: one local Ray per test session, and one small real study that many tests read back."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
+
+# The small study the end-to-end tests share: the quick-start spec, cut down to seconds.
+SMALL_STUDY_OVERRIDES = [
+    "name=e2e-small",
+    "search.num_samples=6",
+    "search.max_concurrent=2",
+    "search.sampler.n_startup_trials=3",
+    "search.scheduler.grace_period=1",
+    "search.scheduler.reduction_factor=3",
+    "train.epochs=3",
+    "features.interval=1",
+    "data.val_size=256",
+    "data.synthetic.train_size=1024",
+    "data.synthetic.test_size=256",
+    "model.width=8",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local Ray with 2 CPUs for the whole session; shut down only if this fixture started it."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
+
+
+@dataclass(frozen=True)
+class FinishedStudy:
+    spec: Any
+    outcome: Any
+    output: Path
+    tracking_uri: str
+
+
+def run_small_study(output: Path, overrides: list[str] | None = None) -> FinishedStudy:
+    from sbn_study.spec import load_spec
+    from sbn_study.study import RunOptions, run_study
+
+    spec = load_spec(QUICKSTART, SMALL_STUDY_OVERRIDES + (overrides or []))
+    options = RunOptions(output=output, progress_interval_s=60.0)
+    outcome = run_study(spec, QUICKSTART.read_text(), options)
+    return FinishedStudy(spec, outcome, output, f"sqlite:///{output / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="session")
+def small_study(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> FinishedStudy:
+    """A finished 6-trial study through real Ray Tune, Optuna (TPE), ASHA and MLflow (sqlite)."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return run_small_study(tmp_path_factory.mktemp("small-study"))
