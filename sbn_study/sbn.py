@@ -62,40 +62,56 @@ class _Constants(NamedTuple):
     energy: float
 
 
+def _build_constants(
+    height: int, width: int, block: int, fft_norm: str, device: torch.device, dtype: torch.dtype
+) -> _Constants:
+    half = width // 2 + 1
+    # rfft2 with this norm is κ times the unnormalized DFT; irfft2 is 1/(κ·H·W) times the unnormalized inverse.
+    kappa = {"backward": 1.0, "ortho": 1.0 / math.sqrt(height * width), "forward": 1.0 / (height * width)}[fft_norm]
+    w = torch.arange(width, dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(torch.arange(half, dtype=torch.float64), w) / width
+    row_basis = [torch.ones(width, dtype=torch.float64)]
+    if width % 2 == 0:
+        row_basis.append(1.0 - 2.0 * (w % 2))
+    mean_rows = torch.zeros(2, block * width, dtype=torch.float64)
+    mean_rows[:, :width] = torch.stack([angle.cos().sum(0), -angle.sin().sum(0)]) * (kappa / half)
+    # irfft2 of a constant spectrum a: the sum over kh leaves H·δ(h); along W, c2r counts the bins other than
+    # kw=0 and kw=W/2 twice and takes Re(a·exp(iθ)), i.e. cos θ for a=1 and -sin θ for a=i.
+    multiplicity = torch.full((half, 1), 2.0, dtype=torch.float64)
+    multiplicity[0] = 1.0
+    if width % 2 == 0:
+        multiplicity[-1] = 1.0
+    spike = torch.stack([(multiplicity * angle.cos()).sum(0), -(multiplicity * angle.sin()).sum(0)]) / (
+        kappa * width
+    )
+    basis = torch.cat([torch.block_diag(*[torch.stack(row_basis)] * block), mean_rows])
+    return _Constants(
+        block=block,
+        row_terms=block * len(row_basis),
+        basis=basis.to(device, dtype),
+        spike=spike.to(device, dtype),
+        energy=kappa * kappa / (2 * half),
+    )
+
+
 @lru_cache(maxsize=64)
-def _constants(
+def _cached_constants(
     height: int, width: int, block: int, fft_norm: str, device: torch.device, dtype: torch.dtype
 ) -> _Constants:
     # Built outside inference mode and autograd so that a first call under torch.inference_mode() does not
     # leave inference tensors in the cache that a later training step could not use.
     with torch.inference_mode(False), torch.no_grad():
-        half = width // 2 + 1
-        kappa = {"backward": 1.0, "ortho": 1.0 / math.sqrt(height * width), "forward": 1.0 / (height * width)}[
-            fft_norm
-        ]
-        w = torch.arange(width, dtype=torch.float64)
-        row_basis = [torch.ones(width, dtype=torch.float64)]
-        if width % 2 == 0:
-            row_basis.append(1.0 - 2.0 * (w % 2))
-        angle = 2 * math.pi * torch.outer(torch.arange(half, dtype=torch.float64), w) / width
-        mean_rows = torch.zeros(2, block * width, dtype=torch.float64)
-        mean_rows[0, :width] = angle.cos().sum(0) * (kappa / half)
-        mean_rows[1, :width] = -angle.sin().sum(0) * (kappa / half)
-        basis = torch.cat([torch.block_diag(*[torch.stack(row_basis)] * block), mean_rows])
-        ones = torch.ones(height, half, dtype=torch.complex128)
-        spike = torch.stack(
-            [
-                torch.fft.irfft2(ones, s=(height, width), norm=fft_norm)[0],
-                torch.fft.irfft2(1j * ones, s=(height, width), norm=fft_norm)[0],
-            ]
-        )
-        return _Constants(
-            block=block,
-            row_terms=block * len(row_basis),
-            basis=basis.to(device, dtype),
-            spike=spike.to(device, dtype),
-            energy=kappa * kappa / (2 * half),
-        )
+        return _build_constants(height, width, block, fft_norm, device, dtype)
+
+
+def _constants(
+    height: int, width: int, block: int, fft_norm: str, device: torch.device, dtype: torch.dtype
+) -> _Constants:
+    # torch.compile would trace through the cache anyway (and warn); traced, the constants become part of the
+    # graph, built from the shapes alone.
+    if torch.compiler.is_compiling():
+        return _build_constants(height, width, block, fft_norm, device, dtype)
+    return _cached_constants(height, width, block, fft_norm, device, dtype)
 
 
 def _block_rows(x: Tensor) -> int:
@@ -130,13 +146,14 @@ def _add_projection_(out: Tensor, coef: Tensor, consts: _Constants) -> None:
         out.view(-1, consts.block * w).addmm_(coef.reshape(k, -1).T, consts.basis)
 
 
-def _sum_of_squares_per_channel(z: Tensor) -> Tensor:
-    """Σ z² over all but dim 2 of a K×N×C×B tensor."""
+def _sum_of_squares_per_channel_(z: Tensor) -> Tensor:
+    """Σ z² over all but dim 2 of a K×N×C×B tensor, squaring z in place."""
     k, n, c, b = z.shape
+    z.square_()
     if z.is_contiguous():
         # Column sums vectorize; a reduction over the short trailing dimension does not.
-        return torch.linalg.vector_norm(z.view(k * n, c * b), dim=0).square().view(c, b).sum(1)
-    return torch.linalg.vector_norm(z, dim=(0, 1, 3)).square()
+        return z.view(k * n, c * b).sum(0).view(c, b).sum(1)
+    return z.sum((0, 1, 3))
 
 
 def _channel_sum_of_squares(x: Tensor) -> Tensor:
@@ -175,16 +192,18 @@ class _ClosedForm(torch.autograd.Function):
         consts: _Constants,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, c, h, w = x.shape
-        projection = None
-        if mean is None or var is None:
+        batch_stats = mean is None or var is None
+        if batch_stats:
+            # Not saved for backward, which recomputes it: one more GEMM, but no activation-sized tensor kept
+            # alive and a slice of it can be squared in place.
             projection = _project(x, consts)
             rows = consts.row_terms
+            mean = projection[rows:, :, :, 0].sum(1).T / n
             second_moment = (
                 consts.energy
-                * (w * _channel_sum_of_squares(x) + _sum_of_squares_per_channel(projection[:rows]))
+                * (w * _channel_sum_of_squares(x) + _sum_of_squares_per_channel_(projection[:rows]))
                 / n
             )
-            mean = projection[rows:, :, :, 0].sum(1).T / n
             # E|X|² - |mu|² may round below zero when |mu|² dominates; the true value never is.
             var = (second_moment - mean.square().sum(1)).clamp_min(0)
         inv_std = (var + eps).rsqrt()
@@ -192,23 +211,28 @@ class _ClosedForm(torch.autograd.Function):
         shift = -scale[:, None] * mean
         if bias is not None:
             shift[:, 0] += bias
-        y = torch.empty_like(x)
-        torch.mul(x, scale[:, None, None], out=y)
-        y[:, :, 0, :] += shift @ consts.spike
-        ctx.save_for_backward(x, weight, mean, inv_std, scale, projection)
+        offset = x.new_zeros(c, h, w)
+        offset[:, 0, :] = shift @ consts.spike
+        y = torch.addcmul(offset, x, scale[:, None, None], out=torch.empty_like(x))
+        ctx.save_for_backward(x, weight, mean, inv_std, scale)
         ctx.consts = consts  # type: ignore[attr-defined]
+        ctx.batch_stats = batch_stats  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean, var)
+        # The statistics are never differentiated: no zero gradients need to be made for them.
+        ctx.set_materialize_grads(False)
         return y, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
-        ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
+        ctx: Any, grad_y: Tensor | None, _grad_mean: Tensor | None, _grad_var: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        x, weight, mean, inv_std, scale, projection = ctx.saved_tensors
+        if grad_y is None:
+            return (None,) * 7
+        x, weight, mean, inv_std, scale = ctx.saved_tensors
         consts: _Constants = ctx.consts
+        batch_stats: bool = ctx.batch_stats
         n, c, h, w = x.shape
-        batch_stats = projection is not None
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         memory_format = torch.channels_last if _channels_last(x) else torch.contiguous_format
         grad_y = grad_y.contiguous(memory_format=memory_format)
@@ -233,11 +257,11 @@ class _ClosedForm(torch.autograd.Function):
                 coef = (2 * consts.energy / n) * grad_var
                 grad_x.addcmul_(x, (w * coef)[:, None, None])
                 rows = consts.row_terms
-                projection_coef = torch.empty_like(projection)
-                torch.mul(projection[:rows], coef[:, None], out=projection_coef[:rows])
-                projection_coef[rows:].zero_()
-                projection_coef[rows:, :, :, 0] = (grad_mean.T / n)[:, None, :]
-                _add_projection_(grad_x, projection_coef, consts)
+                projection = _project(x, consts)
+                projection[:rows].mul_(coef[:, None])
+                projection[rows:, :, :, 1:] = 0
+                projection[rows:, :, :, 0] = (grad_mean.T / n)[:, None, :]
+                _add_projection_(grad_x, projection, consts)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 

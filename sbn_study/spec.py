@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -778,7 +778,8 @@ def _valid_parts(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Distri
         return base, space, None
 
 
-def _build(data: Any, overrides: Sequence[str], source: str) -> StudySpec:
+def _prepared(data: Any, overrides: Sequence[str], source: str) -> tuple[dict[str, Any], list[str]]:
+    """A copy of the document with the overrides applied and the placement coerced, and the override errors."""
     if not isinstance(data, dict):
         got = "an empty document" if data is None else type(data).__name__
         raise SpecError([f"{source}: expected a mapping at the top level, got {got}"])
@@ -786,6 +787,11 @@ def _build(data: Any, overrides: Sequence[str], source: str) -> StudySpec:
     errors = [error for override in overrides if (error := _apply_override(data, override))]
     if isinstance(data.get("norm"), dict) and "placement" in data["norm"]:
         data["norm"]["placement"] = _coerce(_PLACEMENT, data["norm"]["placement"])
+    return data, errors
+
+
+def _build(data: Any, overrides: Sequence[str], source: str) -> StudySpec:
+    data, errors = _prepared(data, overrides, source)
     spec: StudySpec | None = None
     try:
         spec = StudySpec.model_validate(data)
@@ -811,16 +817,44 @@ def spec_from_dict(data: Any, overrides: Sequence[str] = ()) -> StudySpec:
     return _build(data, overrides, "spec")
 
 
-def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> StudySpec:
-    """Reads, overrides (`key=value` strings, values in YAML) and validates a spec file; relative paths in
-    it resolve against the current directory. Raises SpecError listing every problem."""
+def _read_yaml(path: str | os.PathLike[str], what: str) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SpecError([f"{path}: cannot read spec: {reason}"]) from None
+        raise SpecError([f"{path}: cannot read {what}: {reason}"]) from None
     try:
-        data = yaml.load(text, Loader=_SpecLoader)
+        return yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as exc:
         raise SpecError([f"{path}: not valid YAML: {_yaml_problem(exc)}"]) from None
-    return _build(data, overrides, str(path))
+
+
+def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> StudySpec:
+    """Reads, overrides (`key=value` strings, values in YAML) and validates a spec file; relative paths in
+    it resolve against the current directory. Raises SpecError listing every problem."""
+    return _build(_read_yaml(path, "spec"), overrides, str(path))
+
+
+TrialModel = TypeVar("TrialModel", bound=TrialConfig)
+
+
+def load_trial_config(
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), model: type[TrialModel] = TrialConfig
+) -> TrialModel:
+    """Reads a standalone trial configuration (no `name`, `search`, ...: what final training takes) and
+    checks it like a spec's base configuration (schema, architecture, norm kind, placement), with `--set`
+    overrides and the same error lines. `model` may extend TrialConfig with more sections.
+    """
+    data, errors = _prepared(_read_yaml(path, "config"), overrides, str(path))
+    config: TrialModel | None = None
+    try:
+        config = model.model_validate(data)
+    except ValidationError as exc:
+        errors += _error_lines(exc, model)
+        base = _valid_parts(data)[0]
+    else:
+        base = flatten(config.model_dump(include=set(_TRIAL_SECTIONS)))
+    errors += _component_errors(base, {}, {})
+    if errors or config is None:
+        raise SpecError(list(dict.fromkeys(errors)))
+    return config

@@ -96,19 +96,22 @@ def _check_cluster(spec: StudySpec, uri: str) -> None:
     ]
     if not fits:
         largest = max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)))
-        have = f"{largest['Resources'].get('CPU', 0):g} CPUs and {largest['Resources'].get('GPU', 0):g} GPUs"
-        what = (
-            "GPUs" if need_gpu > 0 and not any(n["Resources"].get("GPU", 0) for n in nodes) else "resources"
-        )
+        has_gpus = any(n["Resources"].get("GPU", 0) for n in nodes)
+        what = "GPUs" if need_gpu > 0 and not has_gpus else "resources"
         raise UserError(
             f"resources: no node of the cluster has the {what} one trial needs "
-            f"({need_cpu:g} CPUs, {need_gpu:g} GPUs; the largest node has {have})"
+            f"({_amount(need_cpu, 'CPU')}, {_amount(need_gpu, 'GPU')}; the largest node has "
+            f"{_amount(largest['Resources'].get('CPU', 0), 'CPU')}, {_amount(largest['Resources'].get('GPU', 0), 'GPU')})"
         )
     if len(nodes) > 1 and not is_remote_store(uri):
         raise UserError(
             f"tracking.uri: a cluster of {len(nodes)} nodes needs an MLflow server (--tracking-uri http://HOST:5000), "
             f"not the local store {redact_uri(uri)}"
         )
+
+
+def _amount(count: float, unit: str) -> str:
+    return f"{count:g} {unit}{'' if count == 1 else 's'}"
 
 
 def _load_state(path: Path) -> dict[str, Any] | None:

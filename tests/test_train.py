@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -82,10 +83,11 @@ def test_resume_from_checkpoint_continues_exactly(dataset) -> None:
     config = tiny_config(epochs=3)
     full = train(config, dataset=dataset)
     checkpoints = []
+    # A checkpoint references the live tensors (Tune serializes it at once): keep a copy of epoch 2's.
     train(
-        config.model_copy(update={"train": config.train.model_copy(update={"epochs": 3})}),
+        config,
         dataset=dataset,
-        report=lambda m, ckpt: ckpt is not None and m["epoch"] == 2 and checkpoints.append(ckpt()),
+        report=lambda m, ckpt: ckpt is not None and m["epoch"] == 2 and checkpoints.append(copy.deepcopy(ckpt())),
     )
     resumed = train(config, dataset=dataset, resume=checkpoints[0])
     assert resumed.epochs_run == 3
@@ -127,16 +129,21 @@ def test_step_schedule_defaults_to_the_papers_milestones() -> None:
 
 
 def test_sbn_sites_have_far_smaller_feature_norm_than_the_bn_before_them() -> None:
-    """The paper's qualitative claim, on the untrained ResNet-18 with SBN34."""
+    """The paper's qualitative claim, on the untrained ResNet-18 with SBN34.
+
+    SBN (backward norm) gives every spectral bin unit variance, so by Parseval a map's energy drops from about
+    H·W (after BN) to about 1: the norm shrinks by about sqrt(H·W) — 8 on stage 3's 8×8 maps, 4 on stage 4's.
+    """
     torch.manual_seed(0)
     model = create_model("resnet18", 100, norm="sbn", placement="34")
     probe = torch.randn(16, 3, 32, 32)
     stats = measure_feature_stats(model, probe)
     sbn_sites = [s for s in norm_sites(model) if s.endswith(".sbn")]
     assert len(sbn_sites) == 10
+    side = {"layer3": 8, "layer4": 4}
     for site in sbn_sites:
-        bn_norm = stats[f"fm/{site.removesuffix('.sbn')}.bn/norm"]
-        assert stats[f"fm/{site}/norm"] < bn_norm / 4, site
+        ratio = stats[f"fm/{site}/norm"] / stats[f"fm/{site.removesuffix('.sbn')}.bn/norm"]
+        assert ratio < 1.25 / side[site.split(".")[0]], (site, ratio)
     assert len(stats) == len(norm_sites(model)) * len(STAT_NAMES)
 
 
@@ -144,8 +151,9 @@ def test_feature_statistics_leave_the_model_untouched() -> None:
     model = create_model("tiny", 10, norm="sbn", placement="all", width=8)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = torch.randn(8, 3, 32, 32)
     rng = torch.get_rng_state()
-    measure_feature_stats(model, torch.randn(8, 3, 32, 32))
+    measure_feature_stats(model, probe)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())

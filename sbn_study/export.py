@@ -1,0 +1,123 @@
+"""`sbn-study export`: the best trials of a study as standalone final-training configurations.
+
+An exported file is the trial's fully resolved configuration (the TrialConfig sections, from the trial
+run's `config.yaml`) plus a `provenance` block that says where it came from and how good it was. Trials
+are ranked by the best value of the study's metric they reached, among those whose values measure their
+configuration (completed or stopped early by the scheduler); a trial the scheduler stopped before the full
+budget can rank high on a short run, so its provenance says `full_budget: false`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sbn_study.config import Strict, TrialConfig
+from sbn_study.errors import UserError
+from sbn_study.spec import Mode, load_trial_config
+
+
+class Provenance(Strict):
+    """Where an exported configuration came from; final training records it and trains without it."""
+
+    study: str
+    execution: str  # the study's parent run id
+    trial_id: str
+    run_id: str
+    status: str  # the trial's sbn.status
+    rank: int
+    metric: str
+    mode: Mode
+    value: float  # the trial's best value of `metric`
+    epoch: int  # where it reached `value`
+    epochs_run: int
+    budget: int  # the study's full budget in epochs
+    full_budget: bool  # whether the trial trained to `budget` (a scheduler may have stopped it before)
+
+
+class FinalConfig(TrialConfig):
+    """A final-training configuration: the trial sections and, when exported, their provenance."""
+
+    provenance: Provenance | None = None
+
+
+def load_final_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> FinalConfig:
+    """Reads and checks a final-training configuration like a spec (same `--set` and error lines)."""
+    return load_trial_config(path, overrides, FinalConfig)
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    provenance: Provenance
+
+
+def export_best(
+    uri: str, study: str, top_k: int, out_dir: Path, *, execution: str | None = None
+) -> list[Exported]:
+    """Writes the `top_k` best trials of `study` (its latest execution, or `execution`) to `out_dir` as
+    `<study>-top<rank>-<trial id>.yaml`. UserError when the study does not exist or has no completed trial.
+    """
+    from sbn_study.analysis import RANKED_STATUSES, best_trials, open_store, trials
+
+    table = trials(uri, study, execution=execution)
+    counts = table["status"].value_counts().to_dict() if len(table) else {}
+    if not counts.get("completed"):
+        found = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no trials"
+        raise UserError(f"study '{study}' has no completed trial ({found}): nothing to export")
+    metric, mode, budget = table.attrs["metric"], table.attrs["mode"], table.attrs["budget"]
+    ranked = best_trials(table[table["status"].isin(RANKED_STATUSES)], f"best_{metric}", mode, top_k)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder {out_dir} ({exc.strerror or exc})") from None
+    client = open_store(uri)
+    exported = []
+    for rank, row in enumerate(ranked.to_dict("records"), start=1):
+        provenance = Provenance(
+            study=study,
+            execution=table.attrs["execution"],
+            trial_id=row["trial_id"],
+            run_id=row["run_id"],
+            status=row["status"],
+            rank=rank,
+            metric=metric,
+            mode=mode,
+            value=row[f"best_{metric}"],
+            epoch=row["best_epoch"],
+            epochs_run=row["epochs"],
+            budget=budget,
+            full_budget=row["full_budget"],
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            text = Path(client.download_artifacts(row["run_id"], "config.yaml", folder)).read_text()
+        config = TrialConfig.model_validate(yaml.safe_load(text))
+        path = out_dir / f"{study}-top{rank}-{row['trial_id']}.yaml"
+        document = {**config.model_dump(mode="json"), "provenance": provenance.model_dump(mode="json")}
+        path.write_text(_header(provenance, path) + yaml.safe_dump(document, sort_keys=False))
+        exported.append(Exported(path, provenance))
+    return exported
+
+
+def _header(p: Provenance, path: Path) -> str:
+    lines = [
+        f"Final-training configuration: trial {p.trial_id} of study '{p.study}', rank {p.rank} by best "
+        f"{p.metric} ({p.value:.4g} at epoch {p.epoch}; the trial ran {p.epochs_run} of {p.budget} epochs).",
+        f"Train it at the full budget and test it once:  sbn-study train {path} --baseline",
+    ]
+    if not p.full_budget:
+        lines.append(f"Warning: {budget_warning(p)}")
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def budget_warning(p: Provenance) -> str:
+    """The warning that a configuration's score comes from a trial stopped before the full budget."""
+    return (
+        f"trial {p.trial_id} was stopped by the scheduler after {p.epochs_run} of {p.budget} epochs: its "
+        f"{p.metric} is not a full-budget result (full_budget: false)"
+    )

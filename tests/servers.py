@@ -1,0 +1,341 @@
+"""Real servers for the cluster tests: an `mlflow server` and a 2-node Ray cluster, each in its own processes.
+
+Everything here runs in subprocesses started in their own sessions, so the test process never joins these
+clusters: the session-wide local Ray of the other tests (tests/conftest.py `ray_session`) is never touched,
+and teardown kills exactly the process trees started here, by pid (never `ray stop`, which would end every
+Ray on the machine).
+
+Run as a script, `python tests/servers.py nodes ADDRESS N TIMEOUT_S` prints the alive nodes of a cluster as
+JSON once it has N of them (the test process must not `ray.init` into a second cluster itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def kill_tree(process: subprocess.Popen | None, sig: int = signal.SIGKILL, grace_s: float = 5.0) -> None:
+    """Ends a process started with `start_new_session=True` and everything it started.
+
+    Its process group goes first; descendants that left the group (Ray workers start their own groups)
+    are found beforehand and killed by pid.
+    """
+    if process is None:
+        return
+    import psutil
+
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+    if sig != signal.SIGKILL:
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    psutil.wait_procs(descendants, timeout=grace_s)
+
+
+@dataclass
+class MlflowServer:
+    """`mlflow server` on a loopback port over a sqlite store in `root`; stop() and start() keep both."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.root / f"server-{self.starts}.log"
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        env = {
+            **os.environ,
+            # The job runner and its huey consumers are seven more processes and seconds of start-up,
+            # for a feature a study never uses.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.root,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with {self.process.returncode}:\n{_tail(self.log)}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"mlflow server not healthy after {timeout_s:.0f} s:\n{_tail(self.log)}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM lets it finish; SIGKILL is a crash (the store stays consistent: sqlite journals)."""
+        kill_tree(self.process, sig)
+        self.process = None
+        # Until the port answers nothing, a client could still reach the dying server.
+        deadline = time.monotonic() + 10
+        while self.healthy() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[MlflowServer]:
+    server = MlflowServer(root)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class RayNode:
+    process: subprocess.Popen
+    temp_dir: Path
+    log: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class RayCluster:
+    """A Ray head and worker nodes on this machine, each a `ray start --block` in its own session.
+
+    Every node binds to loopback and keeps its own --temp-dir and ports, so it shares nothing with another
+    Ray on the machine. Token authentication is on with a token of this cluster: Ray >= 2.59 turns it on
+    by itself for `ray start --head` when ~/.ray/auth_token exists (and `ray.init()` writes that file),
+    while a client joining an explicit address never turns it on by itself. Every process of the cluster
+    and every client therefore needs `env` (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.head: RayNode | None = None
+        self.workers: list[RayNode] = []
+        self.env = cluster_env(secrets.token_hex(32))
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _start(self, name: str, args: list[str], timeout_s: float) -> RayNode:
+        temp_dir = self.root / name
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"{name}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={HOST}",
+            f"--temp-dir={temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--num-cpus=1",
+            *args,
+        ]
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.root,
+                start_new_session=True,
+            )
+        node = RayNode(process, temp_dir, log)
+        deadline = time.monotonic() + timeout_s
+        while "This command will now block" not in _tail(log, 100_000):
+            if process.poll() is not None or time.monotonic() > deadline:
+                kill_tree(process)
+                raise RuntimeError(f"ray start ({name}) failed or timed out:\n{_tail(log)}")
+            time.sleep(0.3)
+        return node
+
+    def start_head(self, timeout_s: float = 90.0) -> None:
+        self.head = self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=false",
+                f"--dashboard-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
+            ],
+            timeout_s,
+        )
+
+    def add_node(self, timeout_s: float = 90.0) -> RayNode:
+        node = self._start(f"worker{len(self.workers) + 1}", [f"--address={self.address}"], timeout_s)
+        self.workers.append(node)
+        return node
+
+    def nodes(self, count: int, timeout_s: float = 60.0) -> list[dict]:
+        """The alive nodes once there are `count` of them, asked from a separate client process."""
+        result = subprocess.run(
+            [sys.executable, __file__, "nodes", self.address, str(count), str(timeout_s)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s + 60,
+            cwd=REPO,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"cannot list the nodes of {self.address}:\n{result.stderr[-4000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def kill_node(self, node: RayNode) -> None:
+        """The node leaves as a lost machine would: no goodbye to the head, its processes gone at once."""
+        kill_tree(node.process, signal.SIGKILL)
+
+    def shutdown(self) -> None:
+        # Workers first, so no node reports a lost head while it goes.
+        for node in self.workers:
+            kill_tree(node.process, signal.SIGTERM)
+        if self.head is not None:
+            kill_tree(self.head.process, signal.SIGTERM)
+
+
+def cluster_env(token: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    # The test process's own Ray settings (a session Ray's address, its token file) must not leak in.
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # A lost node is declared dead after ~3 s instead of ~30 s, so its trials move on sooner.
+            "RAY_health_check_initial_delay_ms": "1000",
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+@contextlib.contextmanager
+def ray_cluster(root: Path, workers: int = 1) -> Iterator[RayCluster]:
+    cluster = RayCluster(root)
+    try:
+        cluster.start_head()
+        for _ in range(workers):
+            cluster.add_node()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def _print_nodes(address: str, count: int, timeout_s: float) -> int:
+    import ray
+
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            if len(nodes) >= count or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        print(
+            json.dumps(
+                [
+                    {
+                        "node_id": n["NodeID"],
+                        "head": "node:__internal_head__" in n["Resources"],
+                        "cpus": n["Resources"].get("CPU", 0),
+                    }
+                    for n in nodes
+                ]
+            )
+        )
+        return 0 if len(nodes) >= count else 1
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "nodes":
+        raise SystemExit(_print_nodes(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+    raise SystemExit(f"usage: {sys.argv[0]} nodes ADDRESS COUNT TIMEOUT_S")
