@@ -37,9 +37,12 @@ class TrackingCallback(Callback):
         self.unsent_path = unsent_path
         self._tracker: StudyTracker | None = None
         self._node_tagged: set[str] = set()
+        # Last epoch recorded per trial: a trial restarted from its checkpoint may repeat epochs that were
+        # already logged before the restart, and MLflow would keep both copies of each.
+        self._last_step: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tracker": None, "_node_tagged": set()}
+        return {**self.__dict__, "_tracker": None, "_node_tagged": set(), "_last_step": {}}
 
     @property
     def tracker(self) -> StudyTracker:
@@ -50,15 +53,19 @@ class TrackingCallback(Callback):
     def _ensure_run(self, trial: Any) -> None:
         import yaml
 
+        if trial.trial_id in self._last_step:
+            return
         config = self.spec.trial_config(trial.config).model_dump(mode="json")
         searched = ",".join(sorted(trial.config))
-        self.tracker.trial_run(
+        run_id = self.tracker.trial_run(
             trial.trial_id,
             run_name=f"{self.spec.name}-{trial.trial_id}",
             params=flatten(config),
             config_yaml=yaml.safe_dump(config, sort_keys=False),
             tags={"sbn.study": self.spec.name, "sbn.searched": searched},
         )
+        history = self.tracker.client.get_metric_history(run_id, "epoch_time_s")
+        self._last_step[trial.trial_id] = max((m.step for m in history), default=-1)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ensure_run(trial)
@@ -66,13 +73,17 @@ class TrackingCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._ensure_run(trial)
         tracker = self.tracker
+        step = int(result["epoch"])
+        if step <= self._last_step[trial.trial_id]:
+            return
+        self._last_step[trial.trial_id] = step
         if INITIAL_FEATURES_KEY in result:
             tracker.log_metrics(trial.trial_id, result[INITIAL_FEATURES_KEY], step=0)
         metrics = result_metrics(result)
         if result.get("diverged"):
             # The worst-value stand-ins told to the sampler are not measurements.
             metrics = {k: v for k, v in metrics.items() if k not in self.spec.search.metrics}
-        tracker.log_metrics(trial.trial_id, metrics, step=int(result["epoch"]))
+        tracker.log_metrics(trial.trial_id, metrics, step=step)
         if trial.trial_id not in self._node_tagged and "node_id" in result:
             tracker.set_tags(
                 trial.trial_id,

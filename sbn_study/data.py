@@ -193,10 +193,10 @@ def _read_batches(layout: _CifarLayout, folder: Path, names: Sequence[str]) -> S
 # Classes share much of their pattern; shift, mirroring, contrast, colour cast, a distractor pattern of a
 # second class (at times as strong as the image's own) and pixel noise keep them apart from trivial.
 _TEMPLATE_CUTOFF = 4.0  # highest spatial frequency of a class pattern, in cycles per image
-_TEMPLATE_LOW = 0.0
 _SHARED_WEIGHT = 1.2  # pattern common to every class, relative to the class's own pattern
 _MAX_SHIFT = 4  # pixels, circular (the patterns are 32-periodic, so no seam appears)
 _CONTRAST = (0.6, 1.4)
+_CLASS_COLOUR = 1.0
 _COLOUR_CAST = 0.3  # std of a per-image, per-channel brightness offset
 _DISTRACTOR = 1.0  # largest weight of a second class's pattern mixed into an image
 _NOISE = 1.5  # std of per-pixel noise
@@ -209,9 +209,11 @@ def synthetic_splits(cfg: SyntheticConfig) -> tuple[Split, Split]:
 
     Separate streams keep the test images fixed when only `train_size` changes.
     """
-    templates = _class_templates(cfg.num_classes, _generator(cfg.seed, "templates"))
-    train = _sample_images(templates, cfg.train_size, _generator(cfg.seed, "train"))
-    test = _sample_images(templates, cfg.test_size, _generator(cfg.seed, "test"))
+    generator = _generator(cfg.seed, "templates")
+    templates = _class_templates(cfg.num_classes, generator)
+    colours = torch.randn(cfg.num_classes, IMAGE_SHAPE[0], 1, 1, generator=generator) * _CLASS_COLOUR
+    train = _sample_images(templates, colours, cfg.train_size, _generator(cfg.seed, "train"))
+    test = _sample_images(templates, colours, cfg.test_size, _generator(cfg.seed, "test"))
     return train, test
 
 
@@ -230,7 +232,7 @@ def _class_templates(num_classes: int, generator: torch.Generator) -> torch.Tens
     size = IMAGE_SHAPE[-1]
     frequency = torch.fft.fftfreq(size, d=1.0 / size)
     radius = torch.hypot(frequency[:, None], frequency[None, :])
-    lowpass = (radius > _TEMPLATE_LOW) & (radius <= _TEMPLATE_CUTOFF)
+    lowpass = (radius > 0) & (radius <= _TEMPLATE_CUTOFF)
     noise = torch.randn(num_classes + 1, *IMAGE_SHAPE, generator=generator)
     patterns = torch.fft.ifft2(torch.fft.fft2(noise) * lowpass).real
     patterns = patterns / patterns.std(dim=(-2, -1), keepdim=True)
@@ -238,7 +240,9 @@ def _class_templates(num_classes: int, generator: torch.Generator) -> torch.Tens
     return templates / templates.std(dim=(-2, -1), keepdim=True)
 
 
-def _sample_images(templates: torch.Tensor, count: int, generator: torch.Generator) -> Split:
+def _sample_images(
+    templates: torch.Tensor, colours: torch.Tensor, count: int, generator: torch.Generator
+) -> Split:
     num_classes = len(templates)
     # Cycling through the classes before shuffling balances them to within one image.
     labels = (torch.arange(count) % num_classes)[torch.randperm(count, generator=generator)]
@@ -247,12 +251,16 @@ def _sample_images(templates: torch.Tensor, count: int, generator: torch.Generat
     # Chunks bound the float temporaries to tens of MB, where a CIFAR-sized set in one piece needs GBs.
     for start in range(0, count, _CHUNK):
         part = slice(start, start + _CHUNK)
-        images[part] = _render(templates, labels[part], distractors[part], generator)
+        images[part] = _render(templates, colours, labels[part], distractors[part], generator)
     return Split(images=images, labels=labels)
 
 
 def _render(
-    templates: torch.Tensor, labels: torch.Tensor, distractors: torch.Tensor, generator: torch.Generator
+    templates: torch.Tensor,
+    colours: torch.Tensor,
+    labels: torch.Tensor,
+    distractors: torch.Tensor,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     count = len(labels)
     channels, height, width = IMAGE_SHAPE
@@ -274,7 +282,8 @@ def _render(
     contrast = torch.empty(count, 1, 1, 1).uniform_(*_CONTRAST, generator=generator)
     distractor_weight = torch.rand(count, 1, 1, 1, generator=generator) * _DISTRACTOR
     cast = torch.randn(count, channels, 1, 1, generator=generator) * _COLOUR_CAST
-    signal = placed(labels).add_(placed(distractors).mul_(distractor_weight)).mul_(contrast).add_(cast)
+    signal = placed(labels).add_(placed(distractors).mul_(distractor_weight)).mul_(contrast)
+    signal.add_(colours[labels]).add_(cast)
     signal.add_(torch.randn(signal.shape, generator=generator).mul_(_NOISE))
     return signal.mul_(_GREY_LEVELS_PER_UNIT).add_(128.0).round_().clamp_(0, 255).to(torch.uint8)
 

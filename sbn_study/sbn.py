@@ -67,7 +67,9 @@ def _build_constants(
 ) -> _Constants:
     half = width // 2 + 1
     # rfft2 with this norm is κ times the unnormalized DFT; irfft2 is 1/(κ·H·W) times the unnormalized inverse.
-    kappa = {"backward": 1.0, "ortho": 1.0 / math.sqrt(height * width), "forward": 1.0 / (height * width)}[fft_norm]
+    kappa = {"backward": 1.0, "ortho": 1.0 / math.sqrt(height * width), "forward": 1.0 / (height * width)}[
+        fft_norm
+    ]
     w = torch.arange(width, dtype=torch.float64)
     angle = 2 * math.pi * torch.outer(torch.arange(half, dtype=torch.float64), w) / width
     row_basis = [torch.ones(width, dtype=torch.float64)]
@@ -168,7 +170,9 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     """Σ a·b per channel, for a and b of the same layout, without a full-size temporary where possible."""
     n, c = a.shape[:2]
     if _channels_last(a):
-        return torch.linalg.vecdot(a.permute(0, 2, 3, 1).reshape(-1, c), b.permute(0, 2, 3, 1).reshape(-1, c), dim=0)
+        return torch.linalg.vecdot(
+            a.permute(0, 2, 3, 1).reshape(-1, c), b.permute(0, 2, 3, 1).reshape(-1, c), dim=0
+        )
     return torch.bmm(a.view(n * c, 1, -1), b.view(n * c, -1, 1)).view(n, c).sum(0)
 
 
@@ -214,7 +218,7 @@ class _ClosedForm(torch.autograd.Function):
         offset = x.new_zeros(c, h, w)
         offset[:, 0, :] = shift @ consts.spike
         y = torch.addcmul(offset, x, scale[:, None, None], out=torch.empty_like(x))
-        ctx.save_for_backward(x, weight, mean, inv_std, scale)
+        ctx.save_for_backward(x, mean, inv_std, scale)
         ctx.consts = consts  # type: ignore[attr-defined]
         ctx.batch_stats = batch_stats  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean, var)
@@ -229,10 +233,10 @@ class _ClosedForm(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         if grad_y is None:
             return (None,) * 7
-        x, weight, mean, inv_std, scale = ctx.saved_tensors
+        x, mean, inv_std, scale = ctx.saved_tensors
         consts: _Constants = ctx.consts
         batch_stats: bool = ctx.batch_stats
-        n, c, h, w = x.shape
+        n, w = x.shape[0], x.shape[-1]
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         memory_format = torch.channels_last if _channels_last(x) else torch.contiguous_format
         grad_y = grad_y.contiguous(memory_format=memory_format)
@@ -381,7 +385,9 @@ class SpectralBatchNorm2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() != 4:
-            raise ValueError(f"SpectralBatchNorm2d expects a 4-D input (N, C, H, W), got {input.dim()}-D input")
+            raise ValueError(
+                f"SpectralBatchNorm2d expects a 4-D input (N, C, H, W), got {input.dim()}-D input"
+            )
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"SpectralBatchNorm2d({self.num_features}) got an input with {input.shape[1]} channels"
@@ -423,7 +429,11 @@ class SpectralBatchNorm2d(nn.Module):
         assert self.running_var is not None and self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
         # A 0-dim tensor rather than float(...) so that torch.compile does not specialize on the step count.
-        factor: Tensor | float = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        factor: Tensor | float = (
+            self.num_batches_tracked.to(self.running_var.dtype).reciprocal()
+            if self.momentum is None
+            else self.momentum
+        )
         for running, batch in (
             (self.running_mean_real, mean[:, 0]),
             (self.running_mean_imag, mean[:, 1]),

@@ -226,6 +226,7 @@ def _run(
         )
         state["status"] = "running"
         _write_state(state_file, state)
+        _drop_forgotten_trials(tracker, state["tune_path"])
         tuner = tune.Tuner.restore(state["tune_path"], trainable, resume_unfinished=True, resume_errored=True)
 
     # Tune turns the first Ctrl-C into a graceful, checkpointed stop; a second one lands here.
@@ -234,6 +235,7 @@ def _run(
     trial_statuses = _trial_statuses(tracker)
     ended = sum(status in ENDED_STATUSES for status in trial_statuses.values())
     interrupted = ended < spec.search.num_samples
+    _close_open_runs(tracker)
     status = "interrupted" if interrupted else "finished"
     tracker.finish_study("KILLED" if interrupted else "FINISHED")
     lost = tracker.save_unsent()
@@ -250,6 +252,33 @@ def _run(
         trial_statuses=_trial_statuses(tracker),
         best=_best_trial(tracker, spec),
     )
+
+
+def _drop_forgotten_trials(tracker: Any, tune_path: str) -> None:
+    """Deletes the runs of trials that a killed driver started after Tune's last saved experiment state.
+
+    Tune and the sampler resume from that state, which does not know those trials, and sample replacements:
+    keeping their runs would leave the study with more runs than trials. (MLflow deletes softly: the runs
+    stay recoverable from the store's deleted runs.)
+    """
+    from ray.tune import ExperimentAnalysis
+
+    known = {trial.trial_id for trial in ExperimentAnalysis(tune_path).trials}
+    forgotten = [run for run in _trial_runs(tracker) if run.data.tags.get("sbn.trial_id") not in known]
+    for run in forgotten:
+        tracker.client.delete_run(run.info.run_id)
+    if forgotten:
+        print(
+            f"sbn-study: {len(forgotten)} trial(s) started after the last saved state will be sampled again"
+        )
+
+
+def _close_open_runs(tracker: Any) -> None:
+    """Marks the runs of trials stopped mid-way (Ctrl-C) as killed; `--resume` reopens and continues them."""
+    for run in _trial_runs(tracker):
+        if run.info.status == "RUNNING":
+            tracker.client.set_tag(run.info.run_id, "sbn.status", "killed")
+            tracker.client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _trial_runs(tracker: Any) -> list[Any]:

@@ -4,6 +4,8 @@ One writer per study keeps sqlite stores safe (no concurrent migrations or locks
 a resumed trial find and continue its own run, and turns every result into one batched `log_batch` call of
 only the meaningful metrics. Writes that fail (a tracking server that went away) are kept in order and
 retried before the next write; whatever is still unsent at the end is saved to a file, never dropped.
+Opening a trial's run is one of those writes: while the server is away, a trial starts anyway and its
+writes name the run by a stand-in id until the run exists.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ INITIAL_FEATURES_KEY = "fm_init"
 
 # `sbn.status` of a trial run; "running" and "killed" (Ctrl-C, driver gone) are continued by --resume.
 ENDED_STATUSES = ("completed", "stopped_early", "diverged", "error")
+
+# The run id of a trial run whose opening is still buffered; its writes are sent under the real id later.
+STAND_IN_PREFIX = "pending:"
+# Logged at every epoch, diverged or not: its history tells which epochs a run found again already holds.
+STEP_METRIC = "epoch_time_s"
+# After a failed write, writes only queue up for this long instead of each waiting on an unreachable server
+# (up to MLFLOW_HTTP_REQUEST_TIMEOUT apiece) inside Tune's event loop. Flushes with a deadline still retry.
+RETRY_PAUSE_S = 5.0
 
 
 def default_tracking_uri(output: Path) -> str:
@@ -106,8 +116,11 @@ class StudyTracker:
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.unsent_path = unsent_path
-        self._runs: dict[str, str] = {}
+        self._runs: dict[str, str] = {}  # trial id → run id, or its stand-in until the run exists
+        self._stand_ins: dict[str, str] = {}  # stand-in → run id
+        self._last_step: dict[str, int] = {}  # trial id → highest step logged to or found in its run
         self._pending: list[tuple[str, str, dict[str, Any]]] = []  # (operation, run_id, arguments)
+        self._retry_at = 0.0
 
     @classmethod
     def start(
@@ -140,36 +153,43 @@ class StudyTracker:
         config_yaml: str,
         tags: Mapping[str, str],
     ) -> str:
-        """The run of `trial_id`: found again by its tag after a resume, else created with its params."""
+        """The run of `trial_id`: found again by its tag after a resume, else created with its params.
+
+        Opening it is a buffered write like the others, so a trial never waits for (or fails on) an
+        unreachable server. Returns the run id, or while the opening is still unsent a stand-in id
+        (`pending:<trial_id>`) that every later write of the trial resolves when it is sent.
+        """
         if trial_id in self._runs:
             return self._runs[trial_id]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`sbn.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            all_tags = {
-                "mlflow.parentRunId": self.parent_run_id,
-                "sbn.trial_id": trial_id,
-                "sbn.status": "running",
-                **tags,
-            }
-            run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
-            from mlflow.entities import Param
+        stand_in = f"{STAND_IN_PREFIX}{trial_id}"
+        self._runs[trial_id] = stand_in
+        arguments = {
+            "trial_id": trial_id,
+            "run_name": run_name,
+            "params": {k: str(v)[:6000] for k, v in params.items()},
+            "config_yaml": config_yaml,
+            "tags": dict(tags),
+        }
+        self._write("open_run", stand_in, arguments)
+        return self._runs[trial_id]
 
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(run_id, params=items[start : start + 100])
-            self.client.log_text(run_id, config_yaml, "config.yaml")
-        self._runs[trial_id] = run_id
-        return run_id
+    def run_id(self, trial_id: str) -> str | None:
+        """The MLflow run id of `trial_id` once its run exists (None while its opening is unsent)."""
+        run_id = self._runs.get(trial_id)
+        return None if run_id is None or run_id.startswith(STAND_IN_PREFIX) else run_id
+
+    def last_step(self, trial_id: str) -> int:
+        """The highest step logged for `trial_id` so far, including what its run held when found again.
+
+        -1 when none is known; a run found again by a resume while the server was away counts as known
+        only once its opening was sent.
+        """
+        return self._last_step.get(trial_id, -1)
 
     def log_metrics(self, trial_id: str, metrics: Mapping[str, float], step: int) -> None:
+        # The timestamp is taken now, not when sent: a retried write is the same point, never a second one.
         timestamp = int(time.time() * 1000)
+        self._last_step[trial_id] = max(step, self._last_step.get(trial_id, -1))
         self._write(
             "metrics", self._runs[trial_id], {"metrics": dict(metrics), "step": step, "timestamp": timestamp}
         )
@@ -194,12 +214,16 @@ class StudyTracker:
 
     def flush(self, deadline_s: float = 0.0) -> bool:
         """Sends buffered writes in order; retries until `deadline_s` passes. True when nothing is left."""
-        give_up = time.monotonic() + deadline_s
+        now = time.monotonic()
+        if deadline_s <= 0 and now < self._retry_at:
+            return not self._pending
+        give_up = now + deadline_s
         while self._pending:
             operation, run_id, arguments = self._pending[0]
             try:
                 self._send(operation, run_id, arguments)
             except Exception:
+                self._retry_at = time.monotonic() + RETRY_PAUSE_S
                 if time.monotonic() >= give_up:
                     break
                 time.sleep(1.0)
@@ -208,7 +232,10 @@ class StudyTracker:
         return not self._pending
 
     def save_unsent(self) -> int:
-        """Writes what could not be sent to a JSON-lines file (replayable) and returns how many writes."""
+        """Writes what could not be sent to a JSON-lines file (replayable) and returns how many writes.
+
+        A run whose opening was never sent is named by its stand-in id; its `open_run` line comes first.
+        """
         if not self._pending:
             return 0
         self.unsent_path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +255,10 @@ class StudyTracker:
     def _send(self, operation: str, run_id: str, arguments: dict[str, Any]) -> None:
         from mlflow.entities import Metric, RunTag
 
+        if operation == "open_run":
+            self._open_run(run_id, arguments)
+            return
+        run_id = self._stand_ins.get(run_id, run_id)
         if operation == "metrics":
             step, timestamp = arguments["step"], arguments["timestamp"]
             metrics = [Metric(k, v, timestamp, step) for k, v in arguments["metrics"].items()]
@@ -246,3 +277,49 @@ class StudyTracker:
                 self.client.set_terminated(run_id, status="KILLED")
         else:
             raise ValueError(f"unknown tracking operation {operation!r}")
+
+    def _open_run(self, stand_in: str, arguments: dict[str, Any]) -> None:
+        """Finds or creates the trial's run; safe to retry after a failure at any point.
+
+        What is done is recorded in `arguments`, so a retry never creates a second run, and a run whose
+        creation succeeded although its answer was lost is found (by its tags) instead of created again.
+        """
+        from mlflow.entities import Param
+
+        trial_id = arguments["trial_id"]
+        if "run_id" not in arguments:
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`sbn.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+                max_results=1,
+            )
+            if found:
+                run_id = found[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                history = self.client.get_metric_history(run_id, STEP_METRIC)
+                arguments["found_step"] = max((m.step for m in history), default=-1)
+                arguments["params_logged"] = bool(found[0].data.params)
+            else:
+                all_tags = {
+                    "mlflow.parentRunId": self.parent_run_id,
+                    "sbn.trial_id": trial_id,
+                    "sbn.status": "running",
+                    **arguments["tags"],
+                }
+                run_id = self.client.create_run(
+                    self.experiment_id, run_name=arguments["run_name"], tags=all_tags
+                ).info.run_id
+                arguments["found_step"] = -1
+                arguments["params_logged"] = False
+            arguments["run_id"] = run_id
+        run_id = arguments["run_id"]
+        if not arguments["params_logged"]:
+            items = [Param(k, v) for k, v in arguments["params"].items()]
+            for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(run_id, params=items[start : start + 100])
+            self.client.log_text(run_id, arguments["config_yaml"], "config.yaml")
+            arguments["params_logged"] = True
+        self._stand_ins[stand_in] = run_id
+        if self._runs.get(trial_id) == stand_in:
+            self._runs[trial_id] = run_id
+        self._last_step[trial_id] = max(arguments["found_step"], self._last_step.get(trial_id, -1))

@@ -130,7 +130,11 @@ def test_driver_killed_then_resumed_keeps_finished_trials_and_runs_nothing_twice
     after = {r.data.tags["sbn.trial_id"]: val_acc_steps(tmp_path, r.info.run_id) for r in runs}
     for trial_id, steps in finished_before.items():
         assert after[trial_id] == steps, f"finished trial {trial_id} ran again"
-    assert set(before) <= set(after)
+    # A trial the killed driver started after Tune's last saved state is unknown to the resumed Tune and
+    # sampler: its run is dropped and a replacement sampled, so the total stays at the spec's 6.
+    dropped = set(before) - set(after)
+    if dropped:
+        assert "will be sampled again" in resumed.stdout
 
 
 def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path: Path) -> None:

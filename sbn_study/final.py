@@ -1,0 +1,347 @@
+"""`sbn-study train`: final training by the paper's protocol, several seeds in parallel as Ray tasks.
+
+Each seed trains the configuration on the training split at its full budget, keeps the weights of its best
+validation epoch and evaluates them once on the test split. With a baseline, the same configuration with
+plain BatchNorm everywhere trains on the same seeds; a seed gives both arms the same batch order and
+augmentations, so the per-seed (paired) difference removes part of the seed-to-seed variance.
+
+As for a study, the driver alone writes MLflow (no concurrent writers on a sqlite store): every run is
+opened before its task starts, and a task returns its history and test metrics, which the driver logs when
+the task ends. The dataset is loaded once by the driver and shared through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sbn_study.config import TrialConfig, flatten
+from sbn_study.errors import UserError
+from sbn_study.export import FinalConfig
+from sbn_study.tracking import (
+    check_reachable,
+    ensure_experiment,
+    redact_uri,
+    resolve_tracking_uri,
+    result_metrics,
+)
+
+if TYPE_CHECKING:
+    from sbn_study.data import ImageDataset
+
+ARMS = ("config", "baseline")
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class FinalOptions:
+    experiment: str  # MLflow experiment of the runs, conventionally "<study>-final"
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    baseline: bool = False
+    output: Path = Path("sbn-runs")
+    tracking_uri: str | None = None
+    address: str | None = None
+    cpus_per_seed: float = 1.0
+    gpus_per_seed: float | None = None  # None = 1 when the Ray cluster has GPUs, else 0
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    arm: str
+    seed: int
+    run_id: str
+    status: str  # "completed" | "diverged" | "error"
+    test_acc: float
+    test_loss: float
+    best_val_acc: float
+    best_epoch: int  # the epoch whose weights were tested
+    epochs_run: int
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    n: int
+    mean: float
+    std: float  # sample standard deviation; NaN for one seed
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """config − baseline test accuracy over the seeds both arms completed, with a Student-t interval."""
+
+    n: int
+    mean: float
+    std: float
+    low: float
+    high: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class FinalOutcome:
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str
+    results: tuple[SeedResult, ...]
+    arms: dict[str, ArmSummary]
+    difference: PairedDifference | None
+
+
+def experiment_name(config: FinalConfig, path: Path) -> str:
+    """`<study>-final` for an exported configuration, else `<file stem>-final`."""
+    return f"{config.provenance.study if config.provenance else path.stem}-final"
+
+
+def baseline_config(config: TrialConfig) -> TrialConfig:
+    """The same configuration with plain BatchNorm (PyTorch defaults) at every site."""
+    return config.model_copy(
+        update={"norm": config.norm.model_copy(update={"kind": "bn", "placement": "none"})}
+    )
+
+
+def run_final(
+    config: FinalConfig, options: FinalOptions, on_result: Callable[[SeedResult], None] | None = None
+) -> FinalOutcome:
+    """Trains every (arm, seed) as one Ray task on the local Ray (started unless one is already running in
+    this process, which is then left running) or the cluster at `options.address`; `on_result` is called as
+    each one ends."""
+    from sbn_study.study import RunOptions, _prepare_output, _start_ray
+
+    if not options.seeds:
+        raise UserError("--seeds: expected at least one seed")
+    trial = TrialConfig.model_validate(config.model_dump(exclude={"provenance"}))
+    arms = {"config": trial}
+    if options.baseline:
+        arms["baseline"] = baseline_config(trial)
+        if arms["baseline"] == trial:
+            raise UserError(
+                "--baseline: the configuration already is the plain-BN baseline (norm.placement none)"
+            )
+    output = _prepare_output(options.output)
+    uri = resolve_tracking_uri(options.tracking_uri, None, output)
+    check_reachable(uri)
+    started_ray = _start_ray(RunOptions(output=output, address=options.address))
+    try:
+        return _run(config, arms, options, output, uri, on_result)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _run(
+    config: FinalConfig,
+    arms: dict[str, TrialConfig],
+    options: FinalOptions,
+    output: Path,
+    uri: str,
+    on_result: Callable[[SeedResult], None] | None,
+) -> FinalOutcome:
+    import ray
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from sbn_study.analysis import arm_label
+    from sbn_study.data import load_dataset
+    from sbn_study.tracking import StudyTracker
+
+    gpus = options.gpus_per_seed
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    _check_fits(options.cpus_per_seed, gpus)
+    dataset = ray.put(load_dataset(config.data))
+    experiment_id = ensure_experiment(uri, options.experiment, output / "artifacts")
+    source = config.provenance
+    common_tags = {
+        "sbn.kind": "final",
+        "sbn.study": source.study if source else "",
+        "sbn.source_run": source.run_id if source else "",
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent_run_id = (
+        MlflowClient(uri)
+        .create_run(experiment_id, run_name=f"{options.experiment}-{stamp}", tags=common_tags)
+        .info.run_id
+    )
+    unsent = output / "final" / f"{options.experiment}.unsent.jsonl"
+    tracker = StudyTracker(uri, experiment_id, parent_run_id, unsent)
+    tracker.log_study_artifacts(
+        {"config.yaml": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)}
+    )
+
+    task = ray.remote(_train_seed).options(num_cpus=options.cpus_per_seed, num_gpus=gpus)
+    launched: dict[Any, tuple[str, int, str]] = {}  # task → (arm, seed, MLflow run id)
+    for arm, arm_config in arms.items():
+        label = arm_label(arm_config.norm.kind, arm_config.norm.placement)
+        for seed in options.seeds:
+            seeded = arm_config.model_copy(
+                update={"train": arm_config.train.model_copy(update={"seed": seed})}
+            )
+            dumped = seeded.model_dump(mode="json")
+            run_id = tracker.trial_run(
+                f"{arm}-seed{seed}",
+                run_name=f"{label}-seed{seed}",
+                params=flatten(dumped),
+                config_yaml=yaml.safe_dump(dumped, sort_keys=False),
+                tags={**common_tags, "sbn.arm": arm, "sbn.seed": str(seed)},
+            )
+            launched[task.remote(seeded, dataset)] = (arm, seed, run_id)
+
+    results: list[SeedResult] = []
+    pending = list(launched)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            result = _record(tracker, *launched[done[0]], done[0])
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    except BaseException:
+        # Ctrl-C (or a lost tracking store): stop the other seeds and mark their runs killed.
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        tracker.finish_study("KILLED")
+        tracker.save_unsent()
+        raise
+    summaries, difference = summarize(results)
+    _log_summary(tracker, summaries, difference)
+    tracker.finish_study("FINISHED")
+    tracker.save_unsent()
+    order = {arm: i for i, arm in enumerate(ARMS)}
+    return FinalOutcome(
+        experiment=options.experiment,
+        tracking_uri=redact_uri(uri),
+        parent_run_id=parent_run_id,
+        results=tuple(sorted(results, key=lambda r: (order[r.arm], r.seed))),
+        arms=summaries,
+        difference=difference,
+    )
+
+
+def _check_fits(cpus: float, gpus: float) -> None:
+    """Ray would wait forever for a task that no node can hold; say so instead."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        raise UserError(
+            f"--cpus-per-seed/--gpus-per-seed: no node of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs "
+            "for one seed"
+        )
+
+
+def _record(tracker: Any, arm: str, seed: int, run_id: str, ref: Any) -> SeedResult:
+    """Logs one ended task to its run and returns its result."""
+    import ray
+
+    key = f"{arm}-seed{seed}"
+    try:
+        out = ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        tracker.finish_trial(key, "error")
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        nan = math.nan
+        return SeedResult(arm, seed, run_id, "error", nan, nan, nan, 0, 0, error=reason)
+    for metrics in out["history"]:
+        tracker.log_metrics(key, result_metrics(metrics), step=int(metrics["epoch"]))
+    tested = {
+        name: out[name] for name in ("test_acc", "test_loss", "best_val_acc") if math.isfinite(out[name])
+    }
+    tracker.log_metrics(key, tested, step=out["best_epoch"])
+    tracker.set_tags(key, {"sbn.node": out["node"], "sbn.best_epoch": str(out["best_epoch"])})
+    tracker.finish_trial(key, out["status"])
+    return SeedResult(
+        arm,
+        seed,
+        run_id,
+        out["status"],
+        out["test_acc"],
+        out["test_loss"],
+        out["best_val_acc"],
+        out["best_epoch"],
+        out["epochs_run"],
+    )
+
+
+def _train_seed(config: TrialConfig, dataset: ImageDataset) -> dict[str, Any]:
+    """The Ray task: train, restore the best-validation weights, evaluate them once on the test split."""
+    import ray
+
+    from sbn_study.data import DeviceLoader
+    from sbn_study.train import evaluate, train
+
+    result = train(config, dataset=dataset, keep_best=True)
+    model = result.model
+    assert model is not None
+    test_loss = test_acc = math.nan
+    if result.best_state is not None:  # None only when the loss diverged before the first validation
+        model.load_state_dict(result.best_state)
+        test = DeviceLoader(
+            dataset.test,
+            config.train.eval_batch_size,
+            device=next(model.parameters()).device,
+            train=False,
+            augment=False,
+            mean=dataset.mean,
+            std=dataset.std,
+        )
+        test_loss, test_acc = evaluate(model, test, amp=config.train.amp)
+    return {
+        "history": result.history,
+        "status": result.status,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "node": ray.get_runtime_context().get_node_id(),
+    }
+
+
+def summarize(results: list[SeedResult]) -> tuple[dict[str, ArmSummary], PairedDifference | None]:
+    """Test accuracy mean ± std per arm over its completed seeds, and the paired difference config − baseline
+    over the seeds both arms completed, with a two-sided Student-t confidence interval (n − 1 df)."""
+    from scipy import stats
+
+    completed = {(r.arm, r.seed): r.test_acc for r in results if r.status == "completed"}
+    summaries = {}
+    for arm in ARMS:
+        values = [acc for (a, _), acc in completed.items() if a == arm]
+        if values:
+            std = statistics.stdev(values) if len(values) > 1 else math.nan
+            summaries[arm] = ArmSummary(len(values), statistics.fmean(values), std)
+    paired = [
+        acc - completed["baseline", seed]
+        for (arm, seed), acc in completed.items()
+        if arm == "config" and ("baseline", seed) in completed
+    ]
+    if not paired:
+        return summaries, None
+    mean = statistics.fmean(paired)
+    if len(paired) < 2:
+        return summaries, PairedDifference(1, mean, math.nan, math.nan, math.nan, CONFIDENCE)
+    std = statistics.stdev(paired)
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(paired) - 1)) * std / math.sqrt(len(paired))
+    return summaries, PairedDifference(len(paired), mean, std, mean - half, mean + half, CONFIDENCE)
+
+
+def _log_summary(tracker: Any, summaries: dict[str, ArmSummary], difference: PairedDifference | None) -> None:
+    """The summary as metrics of the parent run, so the MLflow UI shows it next to the seeds."""
+    from mlflow.entities import Metric
+
+    values = {f"{arm}/test_acc_{k}": getattr(s, k) for arm, s in summaries.items() for k in ("mean", "std")}
+    if difference is not None:
+        values |= {
+            f"paired_diff/test_acc_{k}": getattr(difference, k) for k in ("mean", "std", "low", "high")
+        }
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(k, v, stamp, 0) for k, v in values.items() if math.isfinite(v)]
+    if metrics:
+        tracker.client.log_batch(tracker.parent_run_id, metrics=metrics)
