@@ -15,10 +15,12 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -89,7 +91,8 @@ class MlflowServer:
     def log(self) -> Path:
         return self.root / f"server-{self.starts}.log"
 
-    def start(self, timeout_s: float = 120.0) -> None:
+    def start(self, wait: bool = True, timeout_s: float = 120.0) -> None:
+        """Starts the server (on the same port and store as before, after a stop) and waits for /health."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         env = {
@@ -124,6 +127,11 @@ class MlflowServer:
                 cwd=self.root,
                 start_new_session=True,
             )
+        if wait:
+            self.wait_healthy(timeout_s)
+
+    def wait_healthy(self, timeout_s: float = 120.0) -> None:
+        assert self.process is not None, "the server was not started"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -183,6 +191,10 @@ class RayCluster:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        # Ray's sockets live in its temp dir and a socket path may not exceed 107 bytes: pytest's tmp_path
+        # is too deep for that.
+        self.temp_root = Path(tempfile.mkdtemp(prefix="sbn-ray-"))
         self.port = free_port()
         self.head: RayNode | None = None
         self.workers: list[RayNode] = []
@@ -193,8 +205,7 @@ class RayCluster:
         return f"{HOST}:{self.port}"
 
     def _start(self, name: str, args: list[str], timeout_s: float) -> RayNode:
-        temp_dir = self.root / name
-        temp_dir.mkdir(parents=True, exist_ok=True)
+        temp_dir = self.temp_root / name
         log = self.root / f"{name}.log"
         command = [
             sys.executable,
@@ -268,6 +279,7 @@ class RayCluster:
         for node in [*self.workers, self.head]:
             if node is not None:
                 kill_tree(node.process, signal.SIGKILL)
+        shutil.rmtree(self.temp_root, ignore_errors=True)
 
 
 def cluster_env(token: str, base: Mapping[str, str] | None = None) -> dict[str, str]:

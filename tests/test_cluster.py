@@ -1,0 +1,280 @@
+"""A study on a real 2-node Ray cluster tracked on a real `mlflow server`; a node and the server go away.
+
+Both nodes run on this machine (`ray start` subprocesses with their own temp dirs and ports, token
+authentication on) and `sbn-study run` runs as a subprocess that joins them with --address, exactly as on
+a real cluster; the test process itself never joins a cluster (the session Ray of the other tests stays
+untouched) and reads the results back over HTTP with MlflowClient. See tests/servers.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import QUICKSTART, SMALL_STUDY_OVERRIDES
+from tests.servers import MlflowServer, RayCluster, cluster_env, kill_tree, mlflow_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+OK_STATUSES = {"completed", "stopped_early"}
+
+
+def driver_command(output: Path, name: str, overrides: list[str], *extra: str) -> list[str]:
+    sets = [
+        arg
+        for override in [*SMALL_STUDY_OVERRIDES, f"name={name}", *overrides]
+        for arg in ("--set", override)
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "sbn_study.cli",
+        "run",
+        str(QUICKSTART),
+        *sets,
+        "--output",
+        str(output),
+        *extra,
+    ]
+
+
+def start_driver(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def wait_driver(driver: subprocess.Popen, log: Path, timeout_s: float) -> tuple[int, str]:
+    try:
+        driver.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_tree(driver)
+        raise AssertionError(
+            f"the study did not end within {timeout_s:.0f} s:\n{log.read_text()[-4000:]}"
+        ) from None
+    return driver.returncode, log.read_text()
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float, what: str, driver: subprocess.Popen | None = None
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if driver is not None and driver.poll() is not None:
+            raise AssertionError(f"the driver ended (exit {driver.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def trial_runs(uri: str, experiment: str) -> list:
+    """The trial runs of a study; [] while the server is unreachable or the experiment does not exist yet."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = client.search_runs([found.experiment_id], max_results=1000)
+    except Exception:
+        return []
+    return [r for r in runs if "sbn.trial_id" in r.data.tags]
+
+
+def assert_one_ended_run_per_trial(uri: str, experiment: str, trials: int, epochs: int | None = None) -> list:
+    """Exactly one run per trial, every run ended, and each val_acc history is 1..n with nothing missing."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = trial_runs(uri, experiment)
+    trial_ids = [r.data.tags["sbn.trial_id"] for r in runs]
+    assert len(trial_ids) == trials, trial_ids
+    assert len(set(trial_ids)) == trials, f"a trial has two runs: {sorted(trial_ids)}"
+    for run in runs:
+        trial = run.data.tags["sbn.trial_id"]
+        assert run.info.status == "FINISHED", (trial, run.info.status)
+        assert run.data.tags["sbn.status"] in OK_STATUSES, (trial, run.data.tags["sbn.status"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == list(range(1, len(steps) + 1)), (trial, steps)
+        if epochs is not None and run.data.tags["sbn.status"] == "completed":
+            assert steps == list(range(1, epochs + 1)), (trial, steps)
+    return runs
+
+
+def tune_trial_state(output: Path, trial_id: str) -> dict:
+    """Tune's saved runtime state of one trial (failures, last result), read from its experiment state file."""
+    (state_file,) = sorted((output / "ray").glob("*/experiment_state-*.json"))[-1:]
+    for trial_json, runtime_json in json.loads(state_file.read_text())["trial_data"]:
+        if json.loads(trial_json)["trial_id"] == trial_id:
+            return json.loads(runtime_json)
+    raise AssertionError(f"trial {trial_id} is not in {state_file}")
+
+
+def start_servers(tmp_path: Path) -> tuple[MlflowServer, RayCluster]:
+    """Starts the MLflow server's slow import while the Ray nodes come up."""
+    server = MlflowServer(tmp_path / "mlflow")
+    cluster = RayCluster(tmp_path / "ray")
+    try:
+        server.start(wait=False)
+        cluster.start_head()
+        cluster.add_node()
+        server.wait_healthy()
+    except BaseException:
+        cluster.shutdown()
+        server.stop()
+        raise
+    return server, cluster
+
+
+def test_two_nodes_run_one_study_tracked_on_an_mlflow_server(tmp_path: Path) -> None:
+    server, cluster = start_servers(tmp_path)
+    try:
+        nodes = cluster.nodes(2)
+        # Both nodes write results that only the driver sees; a sqlite file on the head is refused up front.
+        started = time.monotonic()
+        refused = subprocess.run(
+            driver_command(tmp_path / "local-store", "cluster-sqlite", [], "--address", cluster.address),
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert "a cluster of 2 nodes needs an MLflow server" in refused.stderr, refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr
+        assert time.monotonic() - started < 60
+        assert not list((tmp_path / "local-store").glob("ray/*")), "trials started before the refusal"
+
+        overrides = ["search.num_samples=4", "train.epochs=2", "resources.cpu=1", "search.max_concurrent=2"]
+        command = driver_command(
+            tmp_path / "out",
+            "cluster-e2e",
+            overrides,
+            "--address",
+            cluster.address,
+            "--tracking-uri",
+            server.uri,
+        )
+        log = tmp_path / "driver.log"
+        code, output = wait_driver(start_driver(command, cluster.env, log), log, timeout_s=150)
+        assert code == 0, output[-4000:]
+        assert "study 'cluster-e2e' finished" in output
+
+        runs = assert_one_ended_run_per_trial(server.uri, "cluster-e2e", trials=4, epochs=2)
+        # Each node has 1 CPU and a trial takes 1: the two concurrent trials ran on different nodes.
+        assert {r.data.tags["sbn.node"] for r in runs} == {n["node_id"] for n in nodes}
+    finally:
+        cluster.shutdown()
+        server.stop()
+
+
+def test_a_node_leaves_and_its_trial_moves_on_from_its_checkpoint(tmp_path: Path) -> None:
+    server, cluster = start_servers(tmp_path)
+    driver = None
+    try:
+        worker_id = next(n["node_id"] for n in cluster.nodes(2) if not n["head"])
+        # Every trial runs all 4 epochs (no early stopping), so the lost trial has epochs left to move.
+        overrides = [
+            "search.num_samples=3",
+            "train.epochs=4",
+            "search.scheduler.type=none",
+            "resources.cpu=1",
+        ]
+        output = tmp_path / "out"
+        command = driver_command(
+            output, "node-leaves", overrides, "--address", cluster.address, "--tracking-uri", server.uri
+        )
+        log = tmp_path / "driver.log"
+        driver = start_driver(command, cluster.env, log)
+
+        def running_on_worker() -> list:
+            runs = trial_runs(server.uri, "node-leaves")
+            return [
+                r
+                for r in runs
+                if r.data.tags.get("sbn.node") == worker_id and r.data.tags.get("sbn.status") == "running"
+            ]
+
+        moved = wait_for(running_on_worker, 120, "a result from a trial on the worker node", driver)[0]
+        moved_trial = moved.data.tags["sbn.trial_id"]
+        cluster.kill_node(cluster.workers[0])
+
+        code, text = wait_driver(driver, log, timeout_s=180)
+        assert code == 0, text[-4000:]
+        runs = assert_one_ended_run_per_trial(server.uri, "node-leaves", trials=3, epochs=4)
+        assert {r.data.tags["sbn.status"] for r in runs} == {"completed"}
+        # Tune saw the trial fail with its node, and restored it from a checkpoint instead of starting over.
+        state = tune_trial_state(output, moved_trial)
+        assert state["num_failures"] >= 1, state["num_failures"]
+        last = state["last_result"]
+        assert last["iterations_since_restore"] < last["training_iteration"], last
+    finally:
+        if driver is not None:
+            kill_tree(driver)
+        cluster.shutdown()
+        server.stop()
+
+
+def test_tracking_server_outage_mid_study_loses_no_metric(tmp_path: Path) -> None:
+    # The embedded local Ray of the driver is enough here: what goes away is the tracking server.
+    env = cluster_env("outage-test-token")
+    overrides = ["search.num_samples=4", "train.epochs=5", "search.scheduler.type=none"]
+    output = tmp_path / "out"
+    log = tmp_path / "driver.log"
+    driver = None
+    with mlflow_server(tmp_path / "mlflow") as server:
+        try:
+            command = driver_command(
+                output, "outage", overrides, "--num-cpus", "2", "--tracking-uri", server.uri
+            )
+            driver = start_driver(command, env, log)
+
+            def a_result() -> bool:
+                return any("val_acc" in r.data.metrics for r in trial_runs(server.uri, "outage"))
+
+            wait_for(a_result, 120, "a first trial result", driver)
+            server.stop(signal.SIGKILL)  # a crash: no goodbye to open connections
+            down = time.time()
+            time.sleep(10)
+            assert driver.poll() is None, "the study ended (or crashed) while the server was away"
+            up = time.time()
+            server.start()
+
+            code, text = wait_driver(driver, log, timeout_s=150)
+        finally:
+            if driver is not None:
+                kill_tree(driver)
+        assert code == 0, text[-4000:]
+        assert "Traceback" not in text
+        runs = assert_one_ended_run_per_trial(server.uri, "outage", trials=4, epochs=5)
+        assert {r.data.tags["sbn.status"] for r in runs} == {"completed"}
+
+        # Results that arrived while the server was away were buffered and written later (a metric's timestamp
+        # is taken when the driver receives the result).
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(server.uri)
+        stamps = [
+            m.timestamp / 1000 for r in runs for m in client.get_metric_history(r.info.run_id, "val_acc")
+        ]
+        assert any(down <= stamp <= up for stamp in stamps), "no result arrived during the outage"
+    assert not list((output / "studies").glob("*.unsent.jsonl"))
+    state = json.loads((output / "studies" / "outage.json").read_text())
+    assert state["status"] == "finished" and state["unsent_writes"] == 0
