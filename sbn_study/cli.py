@@ -289,10 +289,16 @@ def _report(args: argparse.Namespace) -> int:
         shown = ["trial_id", "status", "epochs", f"best_{metric}", "best_epoch", "arm", *attrs["searched"]]
         print(f"best trials by best {metric}:")
         print(best[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for path, write in ((args.csv, table.to_csv), (args.parquet, table.to_parquet)):
+    for flag, path, write in (
+        ("--csv", args.csv, table.to_csv),
+        ("--parquet", args.parquet, table.to_parquet),
+    ):
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write(path, index=False)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                write(path, index=False)
+            except OSError as exc:
+                raise UserError(f"{flag}: cannot write {path} ({exc.strerror or exc})") from None
             print(f"wrote the trials table ({len(table)} rows) to {path}")
     return 0
 
@@ -398,7 +404,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from sbn_study.analysis import arm_label
     from sbn_study.export import budget_warning, load_final_config
-    from sbn_study.final import FinalOptions, SeedResult, baseline_config, experiment_name, run_final
+    from sbn_study.final import FinalOptions, SeedResult, experiment_name, run_final, training_arms
 
     config = load_final_config(args.config, args.overrides)
     options = FinalOptions(
@@ -411,10 +417,8 @@ def _train(args: argparse.Namespace) -> int:
         cpus_per_seed=args.cpus_per_seed,
         gpus_per_seed=args.gpus_per_seed,
     )
-    labels = {"config": arm_label(config.norm.kind, config.norm.placement)}
-    if args.baseline:
-        baseline = baseline_config(config)
-        labels["baseline"] = arm_label(baseline.norm.kind, baseline.norm.placement)
+    arms = training_arms(config, args.baseline)
+    labels = {arm: arm_label(c.norm.kind, c.norm.placement) for arm, c in arms.items()}
     print(
         f"sbn-study: final training of {args.config}: seeds {','.join(map(str, args.seeds))} × "
         + ", ".join(f"{arm} ({label})" for arm, label in labels.items())
@@ -447,6 +451,11 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.experiment}', run {outcome.parent_run_id})"
     )
+    if outcome.unsent:
+        print(
+            f"warning: the tracking store did not take every write; saved to {outcome.unsent}",
+            file=sys.stderr,
+        )
     return 0 if all(r.status == "completed" for r in outcome.results) else 1
 
 

@@ -20,6 +20,7 @@ import yaml
 from sbn_study.config import Strict, TrialConfig
 from sbn_study.errors import UserError
 from sbn_study.spec import Mode, load_trial_config
+from sbn_study.tracking import redact_uri
 
 
 class Provenance(Strict):
@@ -29,6 +30,7 @@ class Provenance(Strict):
     execution: str  # the study's parent run id
     trial_id: str
     run_id: str
+    tracking_uri: str  # the store that holds `run_id` (without credentials)
     status: str  # the trial's sbn.status
     rank: int
     metric: str
@@ -84,6 +86,7 @@ def export_best(
             execution=table.attrs["execution"],
             trial_id=row["trial_id"],
             run_id=row["run_id"],
+            tracking_uri=redact_uri(uri),
             status=row["status"],
             rank=rank,
             metric=metric,

@@ -91,6 +91,7 @@ class FinalOutcome:
     results: tuple[SeedResult, ...]
     arms: dict[str, ArmSummary]
     difference: PairedDifference | None
+    unsent: Path | None  # where writes the tracking store never took were saved, if any
 
 
 def experiment_name(config: FinalConfig, path: Path) -> str:
@@ -105,6 +106,19 @@ def baseline_config(config: TrialConfig) -> TrialConfig:
     )
 
 
+def training_arms(config: TrialConfig, baseline: bool) -> dict[str, TrialConfig]:
+    """arm → its training configuration (without the provenance): "config", and "baseline" if asked for."""
+    trial = TrialConfig.model_validate(config.model_dump(exclude={"provenance"}))
+    if not baseline:
+        return {"config": trial}
+    # Without a placement every site is a plain BN whatever the other norm settings say.
+    if trial.norm.placement == "none":
+        raise UserError(
+            "--baseline: this configuration has norm.placement none, so it already is the plain-BN baseline"
+        )
+    return {"config": trial, "baseline": baseline_config(trial)}
+
+
 def run_final(
     config: FinalConfig, options: FinalOptions, on_result: Callable[[SeedResult], None] | None = None
 ) -> FinalOutcome:
@@ -115,14 +129,7 @@ def run_final(
 
     if not options.seeds:
         raise UserError("--seeds: expected at least one seed")
-    trial = TrialConfig.model_validate(config.model_dump(exclude={"provenance"}))
-    arms = {"config": trial}
-    if options.baseline:
-        arms["baseline"] = baseline_config(trial)
-        if arms["baseline"] == trial:
-            raise UserError(
-                "--baseline: the configuration already is the plain-BN baseline (norm.placement none)"
-            )
+    arms = training_arms(config, options.baseline)
     output = _prepare_output(options.output)
     uri = resolve_tracking_uri(options.tracking_uri, None, output)
     check_reachable(uri)
@@ -177,43 +184,42 @@ def _run(
     )
 
     task = ray.remote(_train_seed).options(num_cpus=options.cpus_per_seed, num_gpus=gpus)
-    launched: dict[Any, tuple[str, int, str]] = {}  # task → (arm, seed, MLflow run id)
-    for arm, arm_config in arms.items():
-        label = arm_label(arm_config.norm.kind, arm_config.norm.placement)
-        for seed in options.seeds:
-            seeded = arm_config.model_copy(
-                update={"train": arm_config.train.model_copy(update={"seed": seed})}
-            )
-            dumped = seeded.model_dump(mode="json")
-            run_id = tracker.trial_run(
-                f"{arm}-seed{seed}",
-                run_name=f"{label}-seed{seed}",
-                params=flatten(dumped),
-                config_yaml=yaml.safe_dump(dumped, sort_keys=False),
-                tags={**common_tags, "sbn.arm": arm, "sbn.seed": str(seed)},
-            )
-            launched[task.remote(seeded, dataset)] = (arm, seed, run_id)
-
+    launched: dict[Any, tuple[str, int]] = {}  # task → (arm, seed)
     results: list[SeedResult] = []
-    pending = list(launched)
     try:
+        for arm, arm_config in arms.items():
+            label = arm_label(arm_config.norm.kind, arm_config.norm.placement)
+            for seed in options.seeds:
+                seeded = arm_config.model_copy(
+                    update={"train": arm_config.train.model_copy(update={"seed": seed})}
+                )
+                dumped = seeded.model_dump(mode="json")
+                tracker.trial_run(
+                    f"{arm}-seed{seed}",
+                    run_name=f"{label}-seed{seed}",
+                    params=flatten(dumped),
+                    config_yaml=yaml.safe_dump(dumped, sort_keys=False),
+                    tags={**common_tags, "sbn.arm": arm, "sbn.seed": str(seed)},
+                )
+                launched[task.remote(seeded, dataset)] = (arm, seed)
+        pending = list(launched)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             result = _record(tracker, *launched[done[0]], done[0])
             results.append(result)
             if on_result is not None:
                 on_result(result)
+        summaries, difference = summarize(results)
+        _log_summary(tracker, summaries, difference)
     except BaseException:
-        # Ctrl-C (or a lost tracking store): stop the other seeds and mark their runs killed.
-        for ref in pending:
+        # Ctrl-C (or a lost tracking store): stop the seeds still training and mark their runs killed.
+        for ref in launched:
             ray.cancel(ref, force=True)
         tracker.finish_study("KILLED")
         tracker.save_unsent()
         raise
-    summaries, difference = summarize(results)
-    _log_summary(tracker, summaries, difference)
     tracker.finish_study("FINISHED")
-    tracker.save_unsent()
+    unsent_writes = tracker.save_unsent()
     order = {arm: i for i, arm in enumerate(ARMS)}
     return FinalOutcome(
         experiment=options.experiment,
@@ -222,6 +228,7 @@ def _run(
         results=tuple(sorted(results, key=lambda r: (order[r.arm], r.seed))),
         arms=summaries,
         difference=difference,
+        unsent=unsent if unsent_writes else None,
     )
 
 
@@ -237,11 +244,12 @@ def _check_fits(cpus: float, gpus: float) -> None:
         )
 
 
-def _record(tracker: Any, arm: str, seed: int, run_id: str, ref: Any) -> SeedResult:
+def _record(tracker: Any, arm: str, seed: int, ref: Any) -> SeedResult:
     """Logs one ended task to its run and returns its result."""
     import ray
 
     key = f"{arm}-seed{seed}"
+    run_id = tracker.run_id(key) or ""  # "" while the store is unreachable and the run not yet opened
     try:
         out = ray.get(ref)
     except ray.exceptions.RayError as exc:

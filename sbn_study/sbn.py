@@ -148,21 +148,29 @@ def _add_projection_(out: Tensor, coef: Tensor, consts: _Constants) -> None:
         out.view(-1, consts.block * w).addmm_(coef.reshape(k, -1).T, consts.basis)
 
 
-def _sum_of_squares_per_channel_(z: Tensor) -> Tensor:
-    """Σ z² over all but dim 2 of a K×N×C×B tensor, squaring z in place."""
-    k, n, c, b = z.shape
-    z.square_()
-    if z.is_contiguous():
-        # Column sums vectorize; a reduction over the short trailing dimension does not.
-        return z.view(k * n, c * b).sum(0).view(c, b).sum(1)
-    return z.sum((0, 1, 3))
+def _batch_sum(z: Tensor, channels_last: bool) -> Tensor:
+    """Σ over dim 1 (N) of a K×N×C×B projection from `_project`, as K×C×B."""
+    if channels_last:
+        # z is a view of an N×H×K×C tensor: sum in memory order (a CPU reduction that writes its output
+        # transposed to how it reads it is an order of magnitude slower).
+        return z.permute(1, 3, 0, 2).sum(0).permute(1, 2, 0)
+    return z.sum(1)
+
+
+def _batch_sum_of_row0(x: Tensor) -> Tensor:
+    """Σ_n x[n, :, 0, :] as C×W."""
+    if _channels_last(x):
+        return x.permute(0, 2, 3, 1)[:, 0].sum(0).T
+    return x[:, :, 0, :].sum(0)
 
 
 def _channel_sum_of_squares(x: Tensor) -> Tensor:
-    # A reduction over a contiguous inner dimension vectorizes; one over dims (0, 2, 3) of NCHW does not.
+    # A reduction over a contiguous inner dimension vectorizes; one over dims (0, 2, 3) does not, in either
+    # layout. Channels last, BN's own statistics kernel is the one-pass reduction: Σx² = M·(var + mean²).
     n, c = x.shape[:2]
     if _channels_last(x):
-        return torch.linalg.vector_norm(x.permute(0, 2, 3, 1).reshape(-1, c), dim=0).square()
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return (var + mean.square()) * (x.numel() // c)
     return torch.linalg.vector_norm(x.view(n, c, -1), dim=-1).square().sum(0)
 
 
@@ -202,12 +210,10 @@ class _ClosedForm(torch.autograd.Function):
             # alive and a slice of it can be squared in place.
             projection = _project(x, consts)
             rows = consts.row_terms
-            mean = projection[rows:, :, :, 0].sum(1).T / n
-            second_moment = (
-                consts.energy
-                * (w * _channel_sum_of_squares(x) + _sum_of_squares_per_channel_(projection[:rows]))
-                / n
-            )
+            projection[:rows].square_()
+            sums = _batch_sum(projection, _channels_last(x))
+            mean = sums[rows:, :, 0].T / n
+            second_moment = consts.energy * (w * _channel_sum_of_squares(x) + sums[:rows].sum((0, 2))) / n
             # E|X|² - |mu|² may round below zero when |mu|² dominates; the true value never is.
             var = (second_moment - mean.square().sum(1)).clamp_min(0)
         inv_std = (var + eps).rsqrt()
@@ -215,7 +221,8 @@ class _ClosedForm(torch.autograd.Function):
         shift = -scale[:, None] * mean
         if bias is not None:
             shift[:, 0] += bias
-        offset = x.new_zeros(c, h, w)
+        # The spike in x's own layout, so that the addcmul below walks all three operands in the same order.
+        offset = x.new_zeros(h, w, c).permute(2, 0, 1) if _channels_last(x) else x.new_zeros(c, h, w)
         offset[:, 0, :] = shift @ consts.spike
         y = torch.addcmul(offset, x, scale[:, None, None], out=torch.empty_like(x))
         ctx.save_for_backward(x, mean, inv_std, scale)
@@ -242,7 +249,7 @@ class _ClosedForm(torch.autograd.Function):
         grad_y = grad_y.contiguous(memory_format=memory_format)
 
         # dL/dc for c = [Re, Im] of beta - s·mu: the spike only touches row 0.
-        grad_shift = grad_y[:, :, 0, :].sum(0) @ consts.spike.T
+        grad_shift = _batch_sum_of_row0(grad_y) @ consts.spike.T
         grad_x = grad_weight = grad_bias = None
         if need_bias:
             grad_bias = grad_shift[:, 0]

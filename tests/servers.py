@@ -32,8 +32,9 @@ HOST = "127.0.0.1"
 
 
 def free_port() -> int:
+    # Free on every interface: Ray binds some of its ports to all of them.
     with socket.socket() as sock:
-        sock.bind((HOST, 0))
+        sock.bind(("", 0))
         return int(sock.getsockname()[1])
 
 
@@ -54,10 +55,11 @@ def kill_tree(process: subprocess.Popen | None, sig: int = signal.SIGKILL, grace
         return
     import psutil
 
-    try:
-        descendants = psutil.Process(process.pid).children(recursive=True)
-    except psutil.Error:
-        descendants = []
+    descendants = []
+    # Once reaped, its pid may belong to another process: only its group (kept alive by members) is safe.
+    if process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            descendants = psutil.Process(process.pid).children(recursive=True)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
     if sig != signal.SIGKILL:
@@ -182,8 +184,9 @@ class RayNode:
 class RayCluster:
     """A Ray head and worker nodes on this machine, each a `ray start --block` in its own session.
 
-    Every node binds to loopback and keeps its own --temp-dir and ports, so it shares nothing with another
-    Ray on the machine. Token authentication is on with a token of this cluster: Ray >= 2.59 turns it on
+    Every node keeps its own --temp-dir and ports, so it shares nothing with another Ray on the machine.
+    (Ray gives nodes the machine's routable IP even when told 127.0.0.1; clients may still join through
+    127.0.0.1:PORT.) Token authentication is on with a token of this cluster: Ray >= 2.59 turns it on
     by itself for `ray start --head` when ~/.ray/auth_token exists (and `ray.init()` writes that file),
     while a client joining an explicit address never turns it on by itself. Every process of the cluster
     and every client therefore needs `env` (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN).
@@ -214,7 +217,6 @@ class RayCluster:
             "start",
             "--block",
             "--disable-usage-stats",
-            f"--node-ip-address={HOST}",
             f"--temp-dir={temp_dir}",
             f"--dashboard-agent-listen-port={free_port()}",
             "--num-cpus=1",

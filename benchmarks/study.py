@@ -1,0 +1,219 @@
+"""The quick-start study end to end (`search_spaces/quickstart.yaml` through `run_study`), on a local Ray with
+as many CPUs as the machine has, into a temporary output with a sqlite store; everything is read back from
+MLflow afterwards.
+
+- busy fraction = Σ `epoch_time_s` of every reported epoch / (wall × slots), slots = min(max_concurrent,
+  cores / resources.cpu): the share of the machine's trial slots spent training and evaluating. Wall here
+  runs from before Ray starts to `run_study` returning; Python imports are not in it.
+- time to the first reported epoch: the earliest metric timestamp in MLflow, counted once from before Ray
+  starts (what a user waits) and once from Ray being up.
+- the phases seen from outside: Ray start-up, the dataset load (timed apart, as `run_study` does it), the
+  parent run's creation and the first trial run's creation (MLflow start times), and where trial time goes
+  (set-up before the first epoch, per-epoch reporting, tails, slots without a trial).
+
+Ray is started here with `sbn_study.study._start_ray`, the call `run_study` itself makes, so that its start-up
+can be timed apart; `run_study` then finds it running. Runs once: it is the slowest benchmark (1–2 min).
+
+Run: `python -m benchmarks study` from the repository root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sbn_study.spec import load_spec
+
+NAME = "study"
+TARGET = "busy ≥ 0.9; first epoch ≤ 8 s"
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+BUSY_LIMIT = 0.9
+FIRST_EPOCH_LIMIT_S = 8.0
+QUICK_OVERRIDES = [
+    "search.num_samples=2",
+    "search.sampler.n_startup_trials=2",
+    "search.scheduler.grace_period=1",
+    "train.epochs=2",
+    "features.interval=1",
+    "data.val_size=128",
+    "data.synthetic.train_size=512",
+    "data.synthetic.test_size=64",
+    "model.width=8",
+]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _trial_timeline(client: Any, run: Any) -> dict[str, Any]:
+    history = sorted(client.get_metric_history(run.info.run_id, "epoch_time_s"), key=lambda m: m.step)
+    start_s, end_s = run.info.start_time / 1e3, (run.info.end_time or run.info.start_time) / 1e3
+    stamps = [m.timestamp / 1e3 for m in history]
+    epochs = [m.value for m in history]
+    # What lies between two logged epochs beyond the epoch itself: checkpoint, report, driver round trip.
+    between = sum(b - a - e for a, b, e in zip(stamps, stamps[1:], epochs[1:], strict=False))
+    return {
+        "start": start_s,
+        "end": end_s,
+        "stamps": stamps,
+        "epochs": epochs,
+        "setup": (stamps[0] - start_s - epochs[0]) if stamps else end_s - start_s,
+        "between": between,
+        "tail": (end_s - stamps[-1]) if stamps else 0.0,
+        "status": run.data.tags.get("sbn.status", "?"),
+    }
+
+
+def run(quick: bool = False) -> list[dict[str, object]]:
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from sbn_study.data import load_dataset
+    from sbn_study.study import RunOptions, _start_ray, run_study
+
+    spec_text = QUICKSTART.read_text()
+    spec = load_spec(QUICKSTART, QUICK_OVERRIDES if quick else [])
+    cores = _cores()
+    slots = min(spec.search.max_concurrent, int(cores // spec.resources.cpu))
+
+    load_start = time.perf_counter()
+    load_dataset(spec.data)
+    dataset_s = time.perf_counter() - load_start
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder)
+        uri = f"sqlite:///{output / 'mlflow.db'}"
+        options = RunOptions(output=output, tracking_uri=uri, num_cpus=cores, progress_interval_s=3600.0)
+        if ray.is_initialized():
+            raise RuntimeError("Ray is already running in this process: its start-up could not be timed")
+        t0 = time.time()
+        started = _start_ray(options)
+        ray_up = time.time()
+        try:
+            # The live table would interleave with the benchmark's own output.
+            with contextlib.redirect_stdout(io.StringIO()):
+                outcome = run_study(spec, spec_text, options)
+            t_end = time.time()
+        finally:
+            if started:
+                ray.shutdown()
+
+        client = MlflowClient(tracking_uri=uri)
+        parent = client.get_run(outcome.parent_run_id)
+        children = client.search_runs(
+            [outcome.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'",
+            max_results=10000,
+        )
+        trials = [_trial_timeline(client, run) for run in children]
+
+    wall = t_end - t0
+    wall_from_ray = t_end - ray_up
+    epochs = [e for trial in trials for e in trial["epochs"]]
+    trained = sum(epochs)
+    first_metric = min(s for trial in trials for s in trial["stamps"])
+    first_trial = min(trial["start"] for trial in trials)
+    last_end = max(trial["end"] for trial in trials)
+    in_trials = sum(trial["end"] - trial["start"] for trial in trials)
+    statuses = Counter(outcome.trial_statuses.values())
+    busy = trained / (wall * slots)
+
+    def row(measure: str, value: object, note: str = "") -> dict[str, object]:
+        return {"measure": measure, "value": value, "note": note}
+
+    return [
+        row("wall time", f"{wall:.1f} s", "Ray start → run_study returns (imports excluded)"),
+        row(
+            "trials",
+            f"{len(trials)}: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())),
+            f"{spec.search.num_samples} sampled, ASHA grace {spec.search.scheduler.grace_period}, "
+            f"max {spec.max_budget} epochs",
+        ),
+        row("epochs reported", len(epochs), f"median epoch_time_s {statistics.median(epochs):.2f} s"),
+        row(
+            "slots",
+            slots,
+            f"min(max_concurrent {spec.search.max_concurrent}, {cores} cores / {spec.resources.cpu:g} CPU)",
+        ),
+        row("Σ epoch_time_s", f"{trained:.1f} s", "training + validation + feature statistics"),
+        row("busy fraction", f"{busy:.2f}", "Σ epoch_time_s / (wall × slots), wall including Ray start"),
+        row(
+            "busy fraction from Ray up",
+            f"{trained / (wall_from_ray * slots):.2f}",
+            "the same, wall from Ray being up",
+        ),
+        row("first epoch from start", f"{first_metric - t0:.1f} s", "includes Ray start-up"),
+        row("first epoch from Ray up", f"{first_metric - ray_up:.1f} s", "excludes Ray start-up"),
+        row("phase: Ray start-up", f"{ray_up - t0:.1f} s", f"ray.init(num_cpus={cores})"),
+        row("phase: dataset load", f"{dataset_s:.2f} s", "load_dataset(spec.data), timed apart"),
+        row(
+            "phase: Ray up → parent run created",
+            f"{parent.info.start_time / 1e3 - ray_up:.1f} s",
+            "checks, dataset load + put, experiment",
+        ),
+        row(
+            "phase: Ray up → first trial run created",
+            f"{first_trial - ray_up:.1f} s",
+            "Tuner set-up, first trial scheduled",
+        ),
+        row(
+            "phase: first trial run → first epoch logged",
+            f"{first_metric - first_trial:.1f} s",
+            "worker start, model, epoch-0 statistics, epoch 1",
+        ),
+        row(
+            "phase: last trial ended → run_study returned",
+            f"{t_end - last_end:.1f} s",
+            "Tune shutdown, summary queries",
+        ),
+        row(
+            "Σ trial set-up before epoch 1",
+            f"{sum(t['setup'] for t in trials):.1f} s",
+            "run opened → first epoch started, over all trials",
+        ),
+        row(
+            "Σ between-epoch gaps",
+            f"{sum(t['between'] for t in trials):.1f} s",
+            "logged-epoch spacing beyond epoch_time_s: checkpoint + report",
+        ),
+        row("Σ trial tails", f"{sum(t['tail'] for t in trials):.1f} s", "last epoch logged → run ended"),
+        row(
+            "slot time without a trial run",
+            f"{wall * slots - in_trials:.1f} s",
+            "wall × slots − Σ trial run durations",
+        ),
+    ]
+
+
+def _seconds(rows: list[dict[str, object]], measure: str) -> float:
+    return float(str(next(r["value"] for r in rows if r["measure"] == measure)).split()[0])
+
+
+def verdict(rows: list[dict[str, object]]) -> str:
+    busy = _seconds(rows, "busy fraction")
+    first = _seconds(rows, "first epoch from start")
+    parts = [
+        f"busy {busy:.2f} ({'met' if busy >= BUSY_LIMIT else 'NOT met'})",
+        f"first epoch {first:.1f} s incl. Ray start ({'met' if first <= FIRST_EPOCH_LIMIT_S else 'NOT met'})",
+    ]
+    status = "met" if busy >= BUSY_LIMIT and first <= FIRST_EPOCH_LIMIT_S else "NOT met"
+    return f"{status}: " + "; ".join(parts)
+
+
+if __name__ == "__main__":
+    from benchmarks.__main__ import markdown_table
+
+    table = run()
+    print(f"{NAME} (target: {TARGET})\n{markdown_table(table)}\n{verdict(table)}")

@@ -1,0 +1,111 @@
+"""One ResNet-18 (100 classes) training step (forward, backward, SGD step, training mode), BN everywhere against
+SBN placed at stages 3 and 4 (the paper's SBN34, closed form), with the FFT form of SBN34 for reference.
+
+CPU: batch 64, float32, NCHW. CUDA: batch 128, channels_last, bf16 autocast (what `train()` does there).
+The variants alternate measurement by measurement over several rounds, and the overhead is the median of the
+per-round ratios, so that drift of a shared machine lands on both sides of each ratio.
+
+Run: `python -m benchmarks train_step` from the repository root.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks._timing import measure
+from sbn_study.config import ModelConfig, NormConfig, TrainConfig, TrialConfig
+from sbn_study.models import create_model, create_model_from_config
+from sbn_study.train import make_optimizer
+
+NAME = "train_step"
+TARGET = "SBN overhead ≤ 5 %"
+
+NUM_CLASSES = 100
+OVERHEAD_LIMIT = 0.05
+
+
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, on_cuda: bool) -> Callable[[], None]:
+    # A small learning rate: the same batch over and over at the default 0.1 drives the weights towards
+    # values (and denormals) that a real run never sees, which would time something else.
+    optimizer = make_optimizer(model, TrialConfig(train=TrainConfig(lr=0.01)))
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext():
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def run(quick: bool = False) -> list[dict[str, object]]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+    batch = (8 if quick else 64) if not on_cuda else (16 if quick else 128)
+    rounds, repeat = (2, 1) if quick else (7, 3)
+    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "bn": lambda: create_model("resnet18", NUM_CLASSES, norm="bn", placement="none"),
+        "sbn34 (auto)": lambda: create_model("resnet18", NUM_CLASSES, norm="sbn", placement="34"),
+        "sbn34 (fft)": lambda: create_model_from_config(
+            ModelConfig(arch="resnet18"), NormConfig(kind="sbn", placement="34", impl="fft"), NUM_CLASSES
+        ),
+    }
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=generator).to(device, memory_format=memory_format)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
+    steps = {}
+    for name, build in builders.items():
+        # The same initial weights for every variant, as far as their layers coincide.
+        torch.manual_seed(0)
+        model = build().to(device, memory_format=memory_format).train()
+        steps[name] = _step(model, x, y, on_cuda)
+        for _ in range(2):  # allocator and first-call costs, outside every round
+            steps[name]()
+
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            seconds[name].append(measure(step, warmup=1, repeat=repeat))
+
+    bn = seconds["bn"]
+    rows: list[dict[str, object]] = []
+    for name, times in seconds.items():
+        ratios = [t / b for t, b in zip(times, bn, strict=True)]
+        median = statistics.median(times)
+        rows.append(
+            {
+                "model": f"resnet18 {name}",
+                "device": device.type,
+                "threads": torch.get_num_threads(),
+                "batch": batch,
+                "ms/step": round(1e3 * median, 1),
+                "images/s": round(batch / median, 1),
+                "overhead vs bn": f"{100 * (statistics.median(ratios) - 1):+.1f} %",
+                "ratio range": f"{min(ratios):.3f}–{max(ratios):.3f}",
+                "rounds": rounds,
+            }
+        )
+    return rows
+
+
+def verdict(rows: list[dict[str, object]]) -> str:
+    row = next(r for r in rows if "(auto)" in str(r["model"]))
+    overhead = float(str(row["overhead vs bn"]).split()[0]) / 100
+    status = "met" if overhead <= OVERHEAD_LIMIT else "NOT met"
+    return f"{status}: SBN34 (auto) overhead = {100 * overhead:+.1f} % over BN ({row['ms/step']} ms/step)"
+
+
+if __name__ == "__main__":
+    from benchmarks.__main__ import markdown_table
+
+    table = run()
+    print(f"{NAME} (target: {TARGET})\n{markdown_table(table)}\n{verdict(table)}")
