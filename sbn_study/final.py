@@ -125,15 +125,15 @@ def run_final(
     """Trains every (arm, seed) as one Ray task on the local Ray (started unless one is already running in
     this process, which is then left running) or the cluster at `options.address`; `on_result` is called as
     each one ends."""
-    from sbn_study.study import RunOptions, _prepare_output, _start_ray
+    from sbn_study.study import RunOptions, prepare_output, start_ray
 
     if not options.seeds:
         raise UserError("--seeds: expected at least one seed")
     arms = training_arms(config, options.baseline)
-    output = _prepare_output(options.output)
+    output = prepare_output(options.output)
     uri = resolve_tracking_uri(options.tracking_uri, None, output)
     check_reachable(uri)
-    started_ray = _start_ray(RunOptions(output=output, address=options.address))
+    started_ray = start_ray(RunOptions(output=output, address=options.address))
     try:
         return _run(config, arms, options, output, uri, on_result)
     finally:

@@ -54,7 +54,7 @@ def state_path(output: Path, name: str) -> Path:
     return output / "studies" / f"{name}.json"
 
 
-def _prepare_output(output: Path) -> Path:
+def prepare_output(output: Path) -> Path:
     output = output.expanduser().resolve()
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def _prepare_output(output: Path) -> Path:
     return output
 
 
-def _start_ray(options: RunOptions) -> bool:
+def start_ray(options: RunOptions) -> bool:
     """Starts a local Ray or joins a cluster; returns True when this process started Ray."""
     import ray
 
@@ -126,7 +126,7 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutcome:
-    output = _prepare_output(options.output)
+    output = prepare_output(options.output)
     uri = resolve_tracking_uri(options.tracking_uri, spec.tracking.uri, output)
     check_reachable(uri)
     state_file = state_path(output, spec.name)
@@ -139,7 +139,7 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
             "continue it with --resume, or give the study another name"
         )
 
-    started_ray = _start_ray(options)
+    started_ray = start_ray(options)
     try:
         _check_cluster(spec, uri)
         return _run(spec, spec_text, options, output, uri, state_file, state if options.resume else None)
