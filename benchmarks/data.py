@@ -66,6 +66,19 @@ def _torchvision_epoch(loader: DataLoader, device: torch.device) -> Callable[[],
 
 def run() -> list[dict[str, object]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # One intra-op thread on the CPU: on a small shared machine a 2-thread op waits for whichever thread
+        # the OS parked (measured 8k-46k images/s with 2 threads against 100k-190k with 1, minutes apart),
+        # while the per-image PIL work, single-threaded anyway, does not notice.
+        torch.set_num_threads(1)
+    try:
+        return _measure(device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(device: torch.device) -> list[dict[str, object]]:
     generator = torch.Generator().manual_seed(0)
     split = Split(
         images=torch.randint(0, 256, (NUM_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=generator),

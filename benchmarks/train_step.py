@@ -3,7 +3,10 @@ SBN placed at stages 3 and 4 (the paper's SBN34, closed form), with the FFT form
 
 CPU: batch 64, float32, NCHW. CUDA: batch 128, channels_last, bf16 autocast (what `train()` does there).
 The variants alternate measurement by measurement over several rounds, and the overhead is the median of the
-per-round ratios, so that drift of a shared machine lands on both sides of each ratio.
+per-round ratios, so that drift of a shared machine lands on both sides of each ratio. On the CPU the whole
+comparison runs at torch's default thread count and again at 1 thread: a Ray trial with `resources.cpu: 1`
+runs at 1 thread, and on a loaded machine a multi-threaded op waits for its slowest thread at every barrier,
+which makes 1-thread figures the steadier ones there.
 
 Run: `python -m benchmarks train_step` from the repository root.
 """
@@ -47,9 +50,22 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, on_cuda: bool) -> 
 
 def run(quick: bool = False) -> list[dict[str, object]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default_threads = torch.get_num_threads()
+    thread_counts = [default_threads] if device.type == "cuda" else list(dict.fromkeys([default_threads, 1]))
+    rows: list[dict[str, object]] = []
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            rows += _compare(device, quick)
+    finally:
+        torch.set_num_threads(default_threads)
+    return rows
+
+
+def _compare(device: torch.device, quick: bool) -> list[dict[str, object]]:
     on_cuda = device.type == "cuda"
     batch = (8 if quick else 64) if not on_cuda else (16 if quick else 128)
-    rounds, repeat = (2, 1) if quick else (7, 3)
+    rounds, repeat = (2, 1) if quick else (5, 3)
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
 
     builders: dict[str, Callable[[], nn.Module]] = {
@@ -98,10 +114,15 @@ def run(quick: bool = False) -> list[dict[str, object]]:
 
 
 def verdict(rows: list[dict[str, object]]) -> str:
-    row = next(r for r in rows if "(auto)" in str(r["model"]))
-    overhead = float(str(row["overhead vs bn"]).split()[0]) / 100
-    status = "met" if overhead <= OVERHEAD_LIMIT else "NOT met"
-    return f"{status}: SBN34 (auto) overhead = {100 * overhead:+.1f} % over BN ({row['ms/step']} ms/step)"
+    autos = [r for r in rows if "(auto)" in str(r["model"])]
+    overheads = [float(str(r["overhead vs bn"]).split()[0]) / 100 for r in autos]
+    # The first row is at torch's default thread count, the configuration the target is about.
+    status = "met" if overheads[0] <= OVERHEAD_LIMIT else "NOT met"
+    figures = ", ".join(
+        f"{100 * o:+.1f} % at {r['threads']} thread(s) ({r['ms/step']} ms/step)"
+        for o, r in zip(overheads, autos, strict=True)
+    )
+    return f"{status}: SBN34 (auto) overhead over BN = {figures}"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch import nn
 
 from sbn_study.config import TrialConfig
 from sbn_study.data import DeviceLoader, ImageDataset, Split, load_dataset
+from sbn_study.errors import UserError
 from sbn_study.featstats import measure_feature_stats
 from sbn_study.models import create_model_from_config
 from sbn_study.norms import norm_parameters
@@ -149,6 +150,10 @@ def train(
         dataset.train, tc.batch_size, train=True, augment=config.data.augment, seed=tc.seed, **loader_options
     )
     val_loader = DeviceLoader(dataset.val, tc.eval_batch_size, train=False, augment=False, **loader_options)
+    if len(train_loader) == 0:
+        raise UserError(
+            f"train.batch_size: {tc.batch_size} is larger than the {dataset.train.labels.numel()} training images"
+        )
     probe = _probe_batch(dataset, config, device) if config.features.enabled else None
 
     result = TrainResult(status="completed", epochs_run=0, best_val_acc=-1.0, best_epoch=0, model=model)

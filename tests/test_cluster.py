@@ -190,10 +190,10 @@ def test_a_node_leaves_and_its_trial_moves_on_from_its_checkpoint(tmp_path: Path
     driver = None
     try:
         worker_id = next(n["node_id"] for n in cluster.nodes(2) if not n["head"])
-        # Every trial runs all 4 epochs (no early stopping), so the lost trial has epochs left to move.
+        # Every trial runs all 5 epochs (no early stopping), so the lost trial has epochs left to move.
         overrides = [
             "search.num_samples=3",
-            "train.epochs=4",
+            "train.epochs=5",
             "search.scheduler.type=none",
             "resources.cpu=1",
         ]
@@ -218,7 +218,7 @@ def test_a_node_leaves_and_its_trial_moves_on_from_its_checkpoint(tmp_path: Path
 
         code, text = wait_driver(driver, log, timeout_s=180)
         assert code == 0, text[-4000:]
-        runs = assert_one_ended_run_per_trial(server.uri, "node-leaves", trials=3, epochs=4)
+        runs = assert_one_ended_run_per_trial(server.uri, "node-leaves", trials=3, epochs=5)
         assert {r.data.tags["sbn.status"] for r in runs} == {"completed"}
         # Tune saw the trial fail with its node, and restored it from a checkpoint instead of starting over.
         state = tune_trial_state(output, moved_trial)
