@@ -148,7 +148,7 @@ class StudySearch(OptunaSearch):
         elif not result.get("diverged") and result.get("epoch", 0) < self.max_budget:
             self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
         else:
-            self._ot_study.tell(ot_trial, values[0] if len(values) == 1 else values, state=TrialState.COMPLETE)
+            self._ot_study.tell(
+                ot_trial, values[0] if len(values) == 1 else values, state=TrialState.COMPLETE
+            )
         self._completed_trials.add(trial_id)
-
-

@@ -70,7 +70,11 @@ def wait_driver(driver: subprocess.Popen, log: Path, timeout_s: float) -> tuple[
 
 
 def wait_for(
-    condition: Callable[[], Any], timeout_s: float, what: str, driver: subprocess.Popen | None = None
+    condition: Callable[[], Any],
+    timeout_s: float,
+    what: str,
+    driver: subprocess.Popen | None = None,
+    log: Path | None = None,
 ) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -78,7 +82,8 @@ def wait_for(
         if value:
             return value
         if driver is not None and driver.poll() is not None:
-            raise AssertionError(f"the driver ended (exit {driver.returncode}) before {what}")
+            output = log.read_text()[-4000:] if log is not None else ""
+            raise AssertionError(f"the driver ended (exit {driver.returncode}) before {what}:\n{output}")
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
@@ -212,7 +217,7 @@ def test_a_node_leaves_and_its_trial_moves_on_from_its_checkpoint(tmp_path: Path
                 if r.data.tags.get("sbn.node") == worker_id and r.data.tags.get("sbn.status") == "running"
             ]
 
-        moved = wait_for(running_on_worker, 120, "a result from a trial on the worker node", driver)[0]
+        moved = wait_for(running_on_worker, 120, "a result from a trial on the worker node", driver, log)[0]
         moved_trial = moved.data.tags["sbn.trial_id"]
         cluster.kill_node(cluster.workers[0])
 
@@ -249,7 +254,7 @@ def test_tracking_server_outage_mid_study_loses_no_metric(tmp_path: Path) -> Non
             def a_result() -> bool:
                 return any("val_acc" in r.data.metrics for r in trial_runs(server.uri, "outage"))
 
-            wait_for(a_result, 120, "a first trial result", driver)
+            wait_for(a_result, 120, "a first trial result", driver, log)
             server.stop(signal.SIGKILL)  # a crash: no goodbye to open connections
             down = time.time()
             time.sleep(10)
