@@ -57,15 +57,14 @@ class TrackingCallback(Callback):
             return
         config = self.spec.trial_config(trial.config).model_dump(mode="json")
         searched = ",".join(sorted(trial.config))
-        run_id = self.tracker.trial_run(
+        self.tracker.trial_run(
             trial.trial_id,
             run_name=f"{self.spec.name}-{trial.trial_id}",
             params=flatten(config),
             config_yaml=yaml.safe_dump(config, sort_keys=False),
             tags={"sbn.study": self.spec.name, "sbn.searched": searched},
         )
-        history = self.tracker.client.get_metric_history(run_id, "epoch_time_s")
-        self._last_step[trial.trial_id] = max((m.step for m in history), default=-1)
+        self._last_step[trial.trial_id] = self.tracker.last_step(trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ensure_run(trial)
@@ -98,7 +97,8 @@ class TrackingCallback(Callback):
         self.tracker.finish_trial(trial.trial_id, "error")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.tracker.flush(deadline_s=30.0)
+        if not self.tracker.flush(deadline_s=30.0):
+            self.tracker.save_unsent()
 
 
 class ProgressTable(Callback):

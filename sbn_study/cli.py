@@ -180,6 +180,12 @@ def _run(args: argparse.Namespace) -> int:
         f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.name}'), Tune state {outcome.tune_path}"
     )
     print(f"browse:  sbn-study ui --tracking-uri '{outcome.tracking_uri}'")
+    if outcome.unsent_writes:
+        print(
+            f"warning: the tracking server did not take {outcome.unsent_writes} writes; they are saved in "
+            f"{Path(args.output) / 'studies' / (spec.name + '.unsent.jsonl')}",
+            file=sys.stderr,
+        )
     if outcome.status == "interrupted":
         print(
             f"resume:  sbn-study run {args.spec} --resume"

@@ -19,7 +19,6 @@ from typing import Any
 from sbn_study.errors import UserError
 from sbn_study.spec import StudySpec
 from sbn_study.tracking import (
-    ENDED_STATUSES,
     check_reachable,
     ensure_experiment,
     is_remote_store,
@@ -48,6 +47,7 @@ class StudyOutcome:
     tune_path: str
     trial_statuses: dict[str, str]
     best: dict[str, Any] | None
+    unsent_writes: int  # MLflow writes saved to <output>/studies/<name>.unsent.jsonl instead of the store
 
 
 def state_path(output: Path, name: str) -> Path:
@@ -77,7 +77,13 @@ def start_ray(options: RunOptions) -> bool:
         try:
             ray.init(address=options.address, **common)
         except Exception as exc:
-            raise UserError(f"--address: cannot join the Ray cluster at {options.address} ({exc})") from None
+            hint = (
+                "; a cluster with token authentication needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here"
+            )
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"--address: cannot join the Ray cluster at {options.address} ({first_line}){hint}"
+            ) from None
         return True
     # An exposed Ray dashboard lets anyone run code on the cluster: keep it off on the embedded Ray.
     ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, **common)
@@ -230,17 +236,26 @@ def _run(
         tuner = tune.Tuner.restore(state["tune_path"], trainable, resume_unfinished=True, resume_errored=True)
 
     # Tune turns the first Ctrl-C into a graceful, checkpointed stop; a second one lands here.
+    results = None
     with contextlib.suppress(KeyboardInterrupt):
-        tuner.fit()
-    trial_statuses = _trial_statuses(tracker)
-    ended = sum(status in ENDED_STATUSES for status in trial_statuses.values())
-    interrupted = ended < spec.search.num_samples
-    _close_open_runs(tracker)
+        results = tuner.fit()
+    # Tune's own view decides whether the study ended, so that an unreachable tracking server cannot.
+    interrupted = results is None or results.num_terminated + results.num_errors < spec.search.num_samples
+    try:
+        _close_open_runs(tracker)
+        trial_statuses, best = _trial_statuses(tracker), _best_trial(tracker, spec)
+    except Exception as exc:  # the tracking server is still away: the writes below are kept, not lost
+        print(
+            f"sbn-study: cannot read the study back from MLflow ({type(exc).__name__}); its writes are kept"
+        )
+        trial_statuses, best = {}, None
     status = "interrupted" if interrupted else "finished"
     tracker.finish_study("KILLED" if interrupted else "FINISHED")
-    lost = tracker.save_unsent()
+    tracker.save_unsent()
     state["status"] = status
-    state["unsent_writes"] = lost
+    # The callback and the driver both append what they could not send to this file.
+    state["unsent_writes"] = len(unsent.read_text().splitlines()) if unsent.exists() else 0
+    state["unsent_path"] = str(unsent)
     _write_state(state_file, state)
     return StudyOutcome(
         name=spec.name,
@@ -249,8 +264,9 @@ def _run(
         experiment_id=state["experiment_id"],
         parent_run_id=state["parent_run_id"],
         tune_path=state["tune_path"],
-        trial_statuses=_trial_statuses(tracker),
-        best=_best_trial(tracker, spec),
+        trial_statuses=trial_statuses,
+        best=best,
+        unsent_writes=state["unsent_writes"],
     )
 
 

@@ -26,8 +26,6 @@ FEATURE_PREFIX = "fm/"
 # logged at step 0 (Tune requires the searched metric in every result, so epoch 0 cannot be its own result).
 INITIAL_FEATURES_KEY = "fm_init"
 
-# `sbn.status` of a trial run; "running" and "killed" (Ctrl-C, driver gone) are continued by --resume.
-ENDED_STATUSES = ("completed", "stopped_early", "diverged", "error")
 
 # The run id of a trial run whose opening is still buffered; its writes are sent under the real id later.
 STAND_IN_PREFIX = "pending:"

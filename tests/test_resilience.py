@@ -172,7 +172,9 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(ray_session: None, tmp
             if not any(val_acc_steps(tmp_path, r.info.run_id) for r in study_runs(tmp_path, "e2e-worker")):
                 return False
             for process in psutil.process_iter(["cmdline"]):
-                if any("ImplicitFunc" in part for part in process.info["cmdline"] or []):
+                # Only a worker of this test session's Ray (its raylet is our child), never another run's.
+                ours = any(parent.pid == os.getpid() for parent in process.parents())
+                if ours and any("ImplicitFunc" in part for part in process.info["cmdline"] or []):
                     process.kill()
                     killed.append(process.pid)
                     return True
