@@ -24,7 +24,7 @@ ORDER = ("sbn_layer", "train_step", "data", "feature_stats", "tracking", "study"
 
 # Smoke-run sizes for the modules that have no `quick` of their own; keys missing from a module are skipped.
 QUICK_CONSTANTS: dict[str, dict[str, Any]] = {
-    "sbn_layer": {"SHAPES": ((16, 64, 32, 32), (16, 256, 8, 8)), "ROUNDS": 1},
+    "sbn_layer": {"SHAPES": ((16, 64, 32, 32), (16, 256, 8, 8)), "ROUNDS": 1, "FFT_ROUNDS": 1},
     "data": {"NUM_IMAGES": 1024, "BATCH_SIZE": 256, "WORKERS": (0,), "ROUNDS": 1},
 }
 

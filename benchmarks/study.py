@@ -1,17 +1,19 @@
 """The quick-start study end to end (`search_spaces/quickstart.yaml` through `run_study`), on a local Ray with
 as many CPUs as the machine has, into a temporary output with a sqlite store; everything is read back from
-MLflow afterwards.
+MLflow afterwards. It runs in a fresh Python process, as `sbn-study run` does: the other benchmarks have
+already imported torch and MLflow into this one, which would hide their import time.
 
 - busy fraction = Σ `epoch_time_s` of every reported epoch / (wall × slots), slots = min(max_concurrent,
   cores / resources.cpu): the share of the machine's trial slots spent training and evaluating. Wall here
-  runs from before Ray starts to `run_study` returning; Python imports are not in it.
-- time to the first reported epoch: the earliest metric timestamp in MLflow, counted once from before Ray
-  starts (what a user waits) and once from Ray being up.
+  runs from just before Ray starts to `run_study` returning; the process's start and first imports (as far
+  as `sbn_study.study` and `ray`) come before and are a phase of their own.
+- time to the first reported epoch: the earliest metric timestamp in MLflow, counted once from just before
+  Ray starts (Ray start-up included) and once from Ray being up (excluded).
 - the phases seen from outside: Ray start-up, the dataset load (timed apart, as `run_study` does it), the
   parent run's creation and the first trial run's creation (MLflow start times), and where trial time goes
   (set-up before the first epoch, per-epoch reporting, tails, slots without a trial).
 
-Ray is started here with `sbn_study.study._start_ray`, the call `run_study` itself makes, so that its start-up
+Ray is started here with `sbn_study.study.start_ray`, the call `run_study` itself makes, so that its start-up
 can be timed apart; `run_study` then finds it running. Runs once: it is the slowest benchmark (1–2 min).
 
 Run: `python -m benchmarks study` from the repository root.
@@ -21,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -76,21 +81,70 @@ def _trial_timeline(client: Any, run: Any) -> dict[str, Any]:
     }
 
 
+ROWS_MARKER = "BENCHMARK-ROWS "
+
+
+def _cpu_of_descendants() -> dict[str, float]:
+    """CPU seconds used so far by this process's descendants (the local Ray), trial actors apart."""
+    import psutil
+
+    used = {"trials": 0.0, "ray": 0.0}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            name, times = child.name(), child.cpu_times()
+        except psutil.Error:
+            continue
+        # Tune's function trainables run in actors that Ray names after their class.
+        used["trials" if "ImplicitFunc" in name else "ray"] += times.user + times.system
+    return used
+
+
+def _epoch_alone(spec: Any, dataset: Any) -> float:
+    """Mean epoch time of the base trial, trained alone outside Ray at the trial's thread count: the
+    reference that shows whether trials inside the study ran slower than the machine allows."""
+    import torch
+
+    from sbn_study.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    try:
+        base = spec.base_config()
+        # As many epochs as one feature-statistics interval, so the measurement is spread as in a trial.
+        config = base.model_copy(
+            update={"train": base.train.model_copy(update={"epochs": base.features.interval})}
+        )
+        history = train(config, dataset=dataset).history
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.mean(m["epoch_time_s"] for m in history if m["epoch"] >= 1)
+
+
 def run(quick: bool = False) -> list[dict[str, object]]:
+    command = [sys.executable, "-m", "benchmarks.study", "--child", str(time.time())]
+    result = subprocess.run(
+        [*command, *(["--quick"] if quick else [])],
+        cwd=QUICKSTART.parents[1],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith(ROWS_MARKER)]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"the study benchmark failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(lines[-1][len(ROWS_MARKER) :])
+
+
+def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
     import ray
-    from mlflow.tracking import MlflowClient
 
-    from sbn_study.data import load_dataset
-    from sbn_study.study import RunOptions, _start_ray, run_study
+    from sbn_study.study import RunOptions, run_study, start_ray
 
+    imported = time.time()
     spec_text = QUICKSTART.read_text()
     spec = load_spec(QUICKSTART, QUICK_OVERRIDES if quick else [])
     cores = _cores()
     slots = min(spec.search.max_concurrent, int(cores // spec.resources.cpu))
-
-    load_start = time.perf_counter()
-    load_dataset(spec.data)
-    dataset_s = time.perf_counter() - load_start
 
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder)
@@ -99,16 +153,24 @@ def run(quick: bool = False) -> list[dict[str, object]]:
         if ray.is_initialized():
             raise RuntimeError("Ray is already running in this process: its start-up could not be timed")
         t0 = time.time()
-        started = _start_ray(options)
+        driver_cpu_start = time.process_time()
+        started = start_ray(options)
         ray_up = time.time()
         try:
             # The live table would interleave with the benchmark's own output.
             with contextlib.redirect_stdout(io.StringIO()):
                 outcome = run_study(spec, spec_text, options)
             t_end = time.time()
+            driver_cpu = time.process_time() - driver_cpu_start
+            descendants_cpu = _cpu_of_descendants()
         finally:
             if started:
                 ray.shutdown()
+
+        # Imported only now: before the study they would take torch's and MLflow's imports out of its time.
+        from mlflow.tracking import MlflowClient
+
+        from sbn_study.data import load_dataset
 
         client = MlflowClient(tracking_uri=uri)
         parent = client.get_run(outcome.parent_run_id)
@@ -118,6 +180,10 @@ def run(quick: bool = False) -> list[dict[str, object]]:
             max_results=10000,
         )
         trials = [_trial_timeline(client, run) for run in children]
+    load_start = time.perf_counter()
+    dataset = load_dataset(spec.data)
+    dataset_s = time.perf_counter() - load_start
+    alone = _epoch_alone(spec, dataset)
 
     wall = t_end - t0
     wall_from_ray = t_end - ray_up
@@ -127,6 +193,10 @@ def run(quick: bool = False) -> list[dict[str, object]]:
     first_trial = min(trial["start"] for trial in trials)
     last_end = max(trial["end"] for trial in trials)
     in_trials = sum(trial["end"] - trial["start"] for trial in trials)
+    # Idle slot time at the start (until each slot's first trial) and at the end (after each slot's last).
+    idle_start = sum(sorted(trial["start"] for trial in trials)[:slots]) - slots * t0
+    idle_end = slots * t_end - sum(sorted(trial["end"] for trial in trials)[-slots:])
+    idle_between = wall * slots - in_trials - idle_start - idle_end
     statuses = Counter(outcome.trial_statuses.values())
     busy = trained / (wall * slots)
 
@@ -134,7 +204,11 @@ def run(quick: bool = False) -> list[dict[str, object]]:
         return {"measure": measure, "value": value, "note": note}
 
     return [
-        row("wall time", f"{wall:.1f} s", "Ray start → run_study returns (imports excluded)"),
+        row(
+            "wall time",
+            f"{wall:.1f} s",
+            "Ray start → run_study returns (its own lazy imports of torch, Tune, MLflow included)",
+        ),
         row(
             "trials",
             f"{len(trials)}: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())),
@@ -142,6 +216,11 @@ def run(quick: bool = False) -> list[dict[str, object]]:
             f"max {spec.max_budget} epochs",
         ),
         row("epochs reported", len(epochs), f"median epoch_time_s {statistics.median(epochs):.2f} s"),
+        row(
+            "epoch alone, no Ray",
+            f"{alone:.2f} s",
+            f"mean epoch_time_s of the base trial, {spec.resources.cpu:g} thread(s), after the study",
+        ),
         row(
             "slots",
             slots,
@@ -156,6 +235,11 @@ def run(quick: bool = False) -> list[dict[str, object]]:
         ),
         row("first epoch from start", f"{first_metric - t0:.1f} s", "includes Ray start-up"),
         row("first epoch from Ray up", f"{first_metric - ray_up:.1f} s", "excludes Ray start-up"),
+        row(
+            "phase: process start → sbn_study.study and ray imported",
+            f"{imported - launched_at:.1f} s",
+            "interpreter start and imports before anything runs",
+        ),
         row("phase: Ray start-up", f"{ray_up - t0:.1f} s", f"ray.init(num_cpus={cores})"),
         row("phase: dataset load", f"{dataset_s:.2f} s", "load_dataset(spec.data), timed apart"),
         row(
@@ -192,7 +276,22 @@ def run(quick: bool = False) -> list[dict[str, object]]:
         row(
             "slot time without a trial run",
             f"{wall * slots - in_trials:.1f} s",
-            "wall × slots − Σ trial run durations",
+            "wall × slots − Σ trial run durations, split below",
+        ),
+        row("  before each slot's first trial", f"{idle_start:.1f} s", "Ray start-up and study set-up"),
+        row("  between trials", f"{idle_between:.1f} s", "a trial ended, the next not yet opened"),
+        row("  after each slot's last trial", f"{idle_end:.1f} s", "no trial left to start"),
+        *(
+            row(
+                f"CPU: {what}",
+                f"{seconds:.1f} s",
+                f"{100 * seconds / (wall * cores):.0f} % of wall × {cores} cores",
+            )
+            for what, seconds in (
+                ("trial actors", descendants_cpu["trials"]),
+                ("driver (Tune loop, MLflow writes, Ray client)", driver_cpu),
+                ("Ray's own processes (raylet, GCS, agents, idle workers)", descendants_cpu["ray"]),
+            )
         ),
     ]
 
@@ -213,7 +312,10 @@ def verdict(rows: list[dict[str, object]]) -> str:
 
 
 if __name__ == "__main__":
-    from benchmarks.__main__ import markdown_table
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(ROWS_MARKER + json.dumps(_measure(float(sys.argv[2]), "--quick" in sys.argv[3:])))
+    else:
+        from benchmarks.__main__ import markdown_table
 
-    table = run()
-    print(f"{NAME} (target: {TARGET})\n{markdown_table(table)}\n{verdict(table)}")
+        table = run("--quick" in sys.argv[1:])
+        print(f"{NAME} (target: {TARGET})\n{markdown_table(table)}\n{verdict(table)}")

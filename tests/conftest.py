@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,22 @@ SMALL_STUDY_OVERRIDES = [
     "data.synthetic.test_size=256",
     "model.width=8",
 ]
+
+
+def run_command(output: Path, overrides: list[str], *extra: str) -> list[str]:
+    """`sbn-study run` of the small study as a subprocess command line."""
+    sets = [arg for override in [*SMALL_STUDY_OVERRIDES, *overrides] for arg in ("--set", override)]
+    return [
+        sys.executable,
+        "-m",
+        "sbn_study.cli",
+        "run",
+        str(QUICKSTART),
+        *sets,
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")

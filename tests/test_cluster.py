@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import QUICKSTART, SMALL_STUDY_OVERRIDES
+from tests.conftest import run_command
 from tests.servers import MlflowServer, RayCluster, cluster_env, kill_tree, mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -28,22 +27,7 @@ OK_STATUSES = {"completed", "stopped_early"}
 
 
 def driver_command(output: Path, name: str, overrides: list[str], *extra: str) -> list[str]:
-    sets = [
-        arg
-        for override in [*SMALL_STUDY_OVERRIDES, f"name={name}", *overrides]
-        for arg in ("--set", override)
-    ]
-    return [
-        sys.executable,
-        "-m",
-        "sbn_study.cli",
-        "run",
-        str(QUICKSTART),
-        *sets,
-        "--output",
-        str(output),
-        *extra,
-    ]
+    return run_command(output, [f"name={name}", *overrides], *extra)
 
 
 def start_driver(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

@@ -158,12 +158,13 @@ def test_export_writes_top_k_configs_that_validate_and_carry_provenance(
         values.append(p["value"])
         warning = f"warning: {path.name}: trial {p['trial_id']} was stopped by the scheduler after"
         assert (warning in err) == (not p["full_budget"])
-        assert run_cli(capsys, "validate", str(path))[:2] == (
+        validated = run_cli(capsys, "validate", str(path))
+        assert validated[:2] == (
             0,
             f"ok: {path}: final-training config (tiny, {document['norm']['kind']} at placement "
             f"{document['norm']['placement']}, 3 epochs; study e2e-small, trial {p['trial_id']}, "
             f"best val_acc {p['value']:.4g})\n",
-        )
+        ), validated[2]
     assert values == sorted(values, reverse=True)
     assert f"next: sbn-study train {paths[0]} --baseline" in out
 

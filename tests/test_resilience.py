@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sbn_study.cli import main
-from tests.conftest import QUICKSTART, SMALL_STUDY_OVERRIDES, run_small_study
+from tests.conftest import QUICKSTART, run_command, run_small_study
 
 pytestmark = pytest.mark.slow
 
@@ -27,20 +26,7 @@ ENDED = {"completed", "stopped_early", "diverged", "error"}
 
 
 def cli_command(output: Path, *extra: str) -> list[str]:
-    sets = [arg for override in SMALL_STUDY_OVERRIDES for arg in ("--set", override)]
-    return [
-        sys.executable,
-        "-m",
-        "sbn_study.cli",
-        "run",
-        str(QUICKSTART),
-        *sets,
-        "--output",
-        str(output),
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
+    return run_command(output, [], "--num-cpus", "2", *extra)
 
 
 def study_runs(output: Path, name: str = "e2e-small") -> list:
