@@ -128,6 +128,9 @@ class ProgressTable(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.print_table(trials)
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.print_table(trials)
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self._last_print >= self.interval_s:
             self.print_table(trials)

@@ -180,6 +180,10 @@ def _run(
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines on creating a store
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per sampled trial otherwise
     dataset = load_dataset(spec.data)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, dataset=dataset),
