@@ -18,6 +18,7 @@ Run: `python -m benchmarks feature_stats` from the repository root.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -70,9 +71,11 @@ def _seconds_per_epoch(
 ) -> tuple[float, float]:
     """(wall, CPU) seconds per epoch of `features.interval` epochs resumed from `checkpoint`."""
     start = checkpoint["epoch"]
+    # Loading a checkpoint may alias its tensors (the optimizer's momentum buffers): every run gets its own.
+    resume = copy.deepcopy(checkpoint)
     cpu_start = time.process_time()
     result = train(
-        _with(config, epochs=start + features.interval, features=features), dataset=dataset, resume=checkpoint
+        _with(config, epochs=start + features.interval, features=features), dataset=dataset, resume=resume
     )
     cpu = time.process_time() - cpu_start
     epochs = [m for m in result.history if m["epoch"] > start]
@@ -105,7 +108,9 @@ def run(quick: bool = False) -> list[dict[str, object]]:
         # The cost of one measurement on its own, on the model as it is at the checkpoint.
         device = resolve_device(config.train.device)
         trained = train(
-            _with(config, epochs=checkpoint["epoch"], features=off), dataset=dataset, resume=checkpoint
+            _with(config, epochs=checkpoint["epoch"], features=off),
+            dataset=dataset,
+            resume=copy.deepcopy(checkpoint),
         ).model
         assert trained is not None
         probe = _probe_batch(dataset, config.model_copy(update={"features": default}), device)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from sbn_study.config import TrialConfig
 from sbn_study.data import load_dataset
 from sbn_study.errors import UserError
-from sbn_study.featstats import STAT_NAMES, measure_feature_stats
+from sbn_study.featstats import PERCENTILES, STAT_NAMES, _site_stats, measure_feature_stats
 from sbn_study.models import create_model
 from sbn_study.norms import norm_sites
 from sbn_study.train import lr_at, train
@@ -159,6 +160,27 @@ def test_sbn_sites_have_far_smaller_feature_norm_than_the_bn_before_them() -> No
         ratio = stats[f"fm/{site}/norm"] / stats[f"fm/{site.removesuffix('.sbn')}.bn/norm"]
         assert ratio < 1.25 / side[site.split(".")[0]], (site, ratio)
     assert len(stats) == len(norm_sites(model)) * len(STAT_NAMES)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 32, 32), (128, 64, 16, 16), (5, 3, 7, 9)])
+def test_site_statistics_match_a_float64_reference(shape: tuple[int, ...]) -> None:
+    y = torch.randn(shape) * torch.rand(shape[1])[:, None, None] + torch.randn(shape[1])[:, None, None]
+    y64 = y.double().numpy()
+    values = y64.ravel()
+    power = np.abs(np.fft.rfft2(y64)) ** 2 + 1e-12
+    expected = {
+        "norm": np.linalg.norm(y64.reshape(shape[0], -1), axis=1).mean(),
+        "max": np.abs(values).max(),
+        **{f"p{p}": np.percentile(values, p) for p in PERCENTILES},
+        "flatness": (np.exp(np.log(power).mean(axis=(2, 3))) / power.mean(axis=(2, 3))).mean(),
+    }
+    got = dict(zip(STAT_NAMES, _site_stats(y).tolist(), strict=True))
+    spread = np.percentile(values, 93) - np.percentile(values, 7)
+    for stat in ("norm", "max", "p0", "p100", "flatness"):
+        assert got[stat] == pytest.approx(expected[stat], rel=1e-5), stat
+    # Inner percentiles come from a subsample of large maps: close on the scale of the distribution's spread.
+    for p in PERCENTILES[1:-1]:
+        assert abs(got[f"p{p}"] - expected[f"p{p}"]) < 0.01 * spread, p
 
 
 def test_feature_statistics_leave_the_model_untouched() -> None:
