@@ -12,9 +12,13 @@ already imported torch and MLflow into this one, which would hide their import t
 - the phases seen from outside: Ray start-up, the dataset load (timed apart, as `run_study` does it), the
   parent run's creation and the first trial run's creation (MLflow start times), and where trial time goes
   (set-up before the first epoch, per-epoch reporting, tails, slots without a trial).
+- where the CPU went: trial actors, the driver, Ray's own processes (psutil, sampled on a thread),
+  and the base trial's epoch time trained alone after the study, which shows how much slower epochs ran
+  inside it. The busy fraction counts a slowed epoch as busy; these two rows show what that hides.
 
-Ray is started here with `sbn_study.study.start_ray`, the call `run_study` itself makes, so that its start-up
-can be timed apart; `run_study` then finds it running. Runs once: it is the slowest benchmark (1–2 min).
+`run_study` starts Ray itself, as `sbn-study run` does (it creates the tracking store on a thread meanwhile);
+a wrapper around `sbn_study.study.start_ray` notes when Ray is up. Runs once: it is the slowest benchmark
+(1–2 min).
 
 Run: `python -m benchmarks study` from the repository root.
 """
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -84,19 +89,51 @@ def _trial_timeline(client: Any, run: Any) -> dict[str, Any]:
 ROWS_MARKER = "BENCHMARK-ROWS "
 
 
-def _cpu_of_descendants() -> dict[str, float]:
-    """CPU seconds used so far by this process's descendants (the local Ray), trial actors apart."""
-    import psutil
+class _CpuSampler:
+    """CPU seconds of this process's descendants (the local Ray), trial actors apart, sampled on a thread:
+    Tune ends its actors before `run_study` returns, and a process that is gone can no longer be asked.
+    Also the whole machine's busy CPU time, which shows what other processes took meanwhile."""
 
-    used = {"trials": 0.0, "ray": 0.0}
-    for child in psutil.Process().children(recursive=True):
-        try:
-            name, times = child.name(), child.cpu_times()
-        except psutil.Error:
-            continue
-        # Tune's function trainables run in actors that Ray names after their class.
-        used["trials" if "ImplicitFunc" in name else "ray"] += times.user + times.system
-    return used
+    def __init__(self, interval_s: float = 0.5) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._interval_s = interval_s
+        self._seen: dict[int, tuple[bool, float]] = {}  # pid → (ever a trial actor, CPU seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._machine_start = self._machine_busy()
+
+    def _machine_busy(self) -> float:
+        times = self._psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def _sample(self) -> None:
+        for child in self._psutil.Process().children(recursive=True):
+            try:
+                name, times = child.name(), child.cpu_times()
+            except self._psutil.Error:
+                continue
+            # Tune's function trainables run in actors named after their class; a worker that was one
+            # stays counted as one, start-up included.
+            was_trial = self._seen.get(child.pid, (False, 0.0))[0]
+            self._seen[child.pid] = (was_trial or "ImplicitFunc" in name, times.user + times.system)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._sample()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Takes a last sample and sets `trials`, `ray` and `machine` (CPU seconds since `start`)."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.machine = self._machine_busy() - self._machine_start
+        self.trials = sum(cpu for trial, cpu in self._seen.values() if trial)
+        self.ray = sum(cpu for trial, cpu in self._seen.values() if not trial)
 
 
 def _epoch_alone(spec: Any, dataset: Any) -> float:
@@ -138,7 +175,7 @@ def run(quick: bool = False) -> list[dict[str, object]]:
 def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
     import ray
 
-    from sbn_study.study import RunOptions, run_study, start_ray
+    from sbn_study import study
 
     imported = time.time()
     spec_text = QUICKSTART.read_text()
@@ -149,23 +186,36 @@ def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder)
         uri = f"sqlite:///{output / 'mlflow.db'}"
-        options = RunOptions(output=output, tracking_uri=uri, num_cpus=cores, progress_interval_s=3600.0)
+        options = study.RunOptions(
+            output=output, tracking_uri=uri, num_cpus=cores, progress_interval_s=3600.0
+        )
         if ray.is_initialized():
             raise RuntimeError("Ray is already running in this process: its start-up could not be timed")
+        # run_study starts Ray itself, overlapping it with the tracking store's creation; this wrapper only
+        # notes when Ray is up.
+        start_ray = study.start_ray
+        ray_up = 0.0
+
+        def timed_start_ray(run_options: Any) -> bool:
+            nonlocal ray_up
+            started = start_ray(run_options)
+            ray_up = time.time()
+            return started
+
+        study.start_ray = timed_start_ray
+        sampler = _CpuSampler()
+        sampler.start()
         t0 = time.time()
         driver_cpu_start = time.process_time()
-        started = start_ray(options)
-        ray_up = time.time()
         try:
             # The live table would interleave with the benchmark's own output.
             with contextlib.redirect_stdout(io.StringIO()):
-                outcome = run_study(spec, spec_text, options)
+                outcome = study.run_study(spec, spec_text, options)
             t_end = time.time()
             driver_cpu = time.process_time() - driver_cpu_start
-            descendants_cpu = _cpu_of_descendants()
         finally:
-            if started:
-                ray.shutdown()
+            sampler.stop()
+            study.start_ray = start_ray
 
         # Imported only now: before the study they would take torch's and MLflow's imports out of its time.
         from mlflow.tracking import MlflowClient
@@ -240,22 +290,26 @@ def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
             f"{imported - launched_at:.1f} s",
             "interpreter start and imports before anything runs",
         ),
-        row("phase: Ray start-up", f"{ray_up - t0:.1f} s", f"ray.init(num_cpus={cores})"),
+        row(
+            "phase: Ray start-up",
+            f"{ray_up - t0:.1f} s",
+            f"ray.init(num_cpus={cores}); MLflow import + store creation on a thread meanwhile",
+        ),
         row("phase: dataset load", f"{dataset_s:.2f} s", "load_dataset(spec.data), timed apart"),
         row(
             "phase: Ray up → parent run created",
             f"{parent.info.start_time / 1e3 - ray_up:.1f} s",
-            "checks, dataset load + put, experiment",
+            "ray.tune import, dataset load + put, waiting for the store created during Ray's start-up",
         ),
         row(
             "phase: Ray up → first trial run created",
             f"{first_trial - ray_up:.1f} s",
-            "Tuner set-up, first trial scheduled",
+            "Tuner set-up, trial actor start (its imports of torch and sbn_study)",
         ),
         row(
             "phase: first trial run → first epoch logged",
             f"{first_metric - first_trial:.1f} s",
-            "worker start, model, epoch-0 statistics, epoch 1",
+            "model, data on the device, epoch-0 statistics, epoch 1, report",
         ),
         row(
             "phase: last trial ended → run_study returned",
@@ -288,9 +342,13 @@ def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
                 f"{100 * seconds / (wall * cores):.0f} % of wall × {cores} cores",
             )
             for what, seconds in (
-                ("trial actors", descendants_cpu["trials"]),
+                ("trial actors", sampler.trials),
                 ("driver (Tune loop, MLflow writes, Ray client)", driver_cpu),
-                ("Ray's own processes (raylet, GCS, agents, idle workers)", descendants_cpu["ray"]),
+                ("Ray's own processes (raylet, GCS, agents, idle workers)", sampler.ray),
+                (
+                    "other processes on the machine",
+                    sampler.machine - sampler.trials - driver_cpu - sampler.ray,
+                ),
             )
         ),
     ]

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,10 +146,31 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
             "continue it with --resume, or give the study another name"
         )
 
+    import ray  # before the store's thread starts: MLflow and Ray import modules in common (protobuf)
+
+    experiment = None
+    if options.address is None:
+        # Importing MLflow (≈ 1 s) and creating a fresh sqlite store through its migrations (≈ 1.5 s) overlap
+        # the embedded Ray's start-up. A cluster may still refuse a local store, so there it waits for the check.
+        experiment = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbn-store").submit(
+            ensure_experiment, uri, spec.name, output / "artifacts"
+        )
     started_ray = start_ray(options)
     try:
         _check_cluster(spec, uri)
-        return _run(spec, spec_text, options, output, uri, state_file, state if options.resume else None)
+        experiment_id = (
+            experiment.result() if experiment else ensure_experiment(uri, spec.name, output / "artifacts")
+        )
+        return _run(
+            spec,
+            spec_text,
+            options,
+            output,
+            uri,
+            experiment_id,
+            state_file,
+            state if options.resume else None,
+        )
     finally:
         if started_ray:
             import ray
@@ -162,6 +184,7 @@ def _run(
     options: RunOptions,
     output: Path,
     uri: str,
+    experiment_id: str,
     state_file: Path,
     state: dict[str, Any] | None,
 ) -> StudyOutcome:
@@ -189,7 +212,6 @@ def _run(
         tune.with_parameters(run_trial, spec=spec, dataset=dataset),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    experiment_id = ensure_experiment(uri, spec.name, output / "artifacts")
     unsent = output / "studies" / f"{spec.name}.unsent.jsonl"
 
     if state is None:
