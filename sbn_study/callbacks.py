@@ -97,8 +97,8 @@ class TrackingCallback(Callback):
         self.tracker.finish_trial(trial.trial_id, "error")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if not self.tracker.flush(deadline_s=30.0):
-            self.tracker.save_unsent()
+        self.tracker.flush(deadline_s=30.0)
+        self.tracker.save_unsent()  # stops the writer thread too, even when there is nothing to save
 
 
 class ProgressTable(Callback):

@@ -342,14 +342,9 @@ def summarize(results: list[SeedResult]) -> tuple[dict[str, ArmSummary], PairedD
 
 def _log_summary(tracker: Any, summaries: dict[str, ArmSummary], difference: PairedDifference | None) -> None:
     """The summary as metrics of the parent run, so the MLflow UI shows it next to the seeds."""
-    from mlflow.entities import Metric
-
     values = {f"{arm}/test_acc_{k}": getattr(s, k) for arm, s in summaries.items() for k in ("mean", "std")}
     if difference is not None:
         values |= {
             f"paired_diff/test_acc_{k}": getattr(difference, k) for k in ("mean", "std", "low", "high")
         }
-    stamp = int(time.time() * 1000)
-    metrics = [Metric(k, v, stamp, 0) for k, v in values.items() if math.isfinite(v)]
-    if metrics:
-        tracker.client.log_batch(tracker.parent_run_id, metrics=metrics)
+    tracker.log_study_metrics({k: v for k, v in values.items() if math.isfinite(v)})

@@ -1,0 +1,209 @@
+"""StudyTracker on a real MLflow sqlite store (no Ray): its writer thread keeps order, never makes the caller
+wait on the store, and loses nothing while the store is away."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sbn_study import tracking
+from sbn_study.tracking import STAND_IN_PREFIX, StudyTracker, ensure_experiment
+
+# Far below what one sqlite write costs, far above what appending to a queue costs.
+APPEND_BOUND_S = 0.05
+
+
+class GatedClient:
+    """An MlflowClient whose calls can be held at a gate or made to fail, as a slow or vanished server would."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()  # set by a call that reached the gate
+        self.failing = False
+        self.failures = 0
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.entered.set()
+            self.open.wait()
+            if self.failing:
+                self.failures += 1
+                raise ConnectionError("tracking server away")
+            return method(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """One sqlite store for the module (creating one takes seconds); each test has a parent run of its own."""
+    folder = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    return uri, ensure_experiment(uri, "tracking-test", folder / "artifacts")
+
+
+def open_tracker(store: tuple[str, str], tmp_path: Path) -> tuple[StudyTracker, GatedClient]:
+    uri, experiment_id = store
+    tracker = StudyTracker.start(uri, experiment_id, "tracking-test", "parent", tmp_path / "unsent.jsonl")
+    gated = GatedClient(tracker.client)
+    tracker.client = gated
+    return tracker, gated
+
+
+def open_trial(tracker: StudyTracker, trial_id: str) -> str:
+    return tracker.trial_run(trial_id, trial_id, {"model.arch": "tiny"}, "model: {arch: tiny}\n", {})
+
+
+def steps_and_values(tracker: StudyTracker, trial_id: str, metric: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    run_id = tracker.run_id(trial_id)
+    assert run_id is not None
+    history = MlflowClient(tracker.uri).get_metric_history(run_id, metric)
+    return sorted((m.step, m.value) for m in history)
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def test_results_arrive_in_order_with_their_steps(store: tuple[str, str], tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    tracker, _ = open_tracker(store, tmp_path)
+    assert not open_trial(tracker, "a").startswith(STAND_IN_PREFIX)  # a healthy store: sent before returning
+    open_trial(tracker, "b")
+    for step in range(1, 21):
+        for trial_id, offset in (("a", 0.0), ("b", 100.0)):
+            tracker.log_metrics(trial_id, {"val_acc": offset + step, "epoch_time_s": 1.0}, step)
+    tracker.set_tags("a", {"sbn.node": "n1"})
+    tracker.finish_trial("a", "completed")
+    tracker.finish_study("FINISHED")
+
+    assert tracker.pending == 0
+    assert steps_and_values(tracker, "a", "val_acc") == [(s, float(s)) for s in range(1, 21)]
+    assert steps_and_values(tracker, "b", "val_acc") == [(s, 100.0 + s) for s in range(1, 21)]
+    client = MlflowClient(tracker.uri)
+    a, b = (client.get_run(tracker.run_id(t) or "") for t in ("a", "b"))
+    assert a.data.tags["sbn.node"] == "n1" and a.data.tags["sbn.status"] == "completed"
+    assert (a.info.status, b.info.status) == ("FINISHED", "KILLED")  # b was still open when the study ended
+    assert client.get_run(tracker.parent_run_id).info.status == "FINISHED"
+    assert not tracker._writer or not tracker._writer.is_alive()
+
+
+def test_a_trial_found_again_knows_its_last_step(store: tuple[str, str], tmp_path: Path) -> None:
+    tracker, _ = open_tracker(store, tmp_path)
+    open_trial(tracker, "a")
+    for step in (1, 2, 3):
+        tracker.log_metrics("a", {"epoch_time_s": 1.0}, step)
+    assert tracker.flush(deadline_s=10.0)
+    tracker.close()
+
+    resumed = StudyTracker(tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path)
+    assert open_trial(resumed, "a") == tracker.run_id("a")
+    assert resumed.last_step("a") == 3
+    resumed.close()
+
+
+def test_logging_returns_without_waiting_on_the_store(store: tuple[str, str], tmp_path: Path) -> None:
+    tracker, gated = open_tracker(store, tmp_path)
+    open_trial(tracker, "a")
+    gated.open.clear()
+    gated.entered.clear()
+    tracker.log_metrics("a", {"val_acc": 1.0}, 1)
+    assert gated.entered.wait(timeout=10), "the writer never started sending"
+    # The writer is now held inside the store: the caller's next results only append.
+    waits = [
+        timed(lambda step=step: tracker.log_metrics("a", {"val_acc": float(step)}, step)) for step in (2, 3)
+    ]
+    assert max(waits) < APPEND_BOUND_S, waits
+    assert tracker.pending == 3
+    assert not tracker.flush(deadline_s=0.2)  # still held
+
+    gated.open.set()
+    assert tracker.flush(deadline_s=10.0)
+    assert steps_and_values(tracker, "a", "val_acc") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    tracker.close()
+
+
+def test_a_store_that_fails_then_recovers_loses_nothing(store: tuple[str, str], tmp_path: Path) -> None:
+    tracker, gated = open_tracker(store, tmp_path)
+    open_trial(tracker, "a")
+    gated.failing = True
+    tracker.log_metrics("a", {"val_acc": 1.0}, 1)
+    assert not tracker.flush(deadline_s=1.5)  # retried meanwhile, and failed
+    assert gated.failures >= 2
+    # The store is known to be away: a new trial starts at once under a stand-in id, results only queue.
+    opened = []
+    assert timed(lambda: opened.append(open_trial(tracker, "b"))) < APPEND_BOUND_S
+    assert opened == [f"{STAND_IN_PREFIX}b"]
+    for step in (2, 3):
+        assert (
+            timed(lambda step=step: tracker.log_metrics("a", {"val_acc": float(step)}, step)) < APPEND_BOUND_S
+        )
+        tracker.log_metrics("b", {"val_acc": 10.0 + step}, step)
+    assert tracker.pending == 6
+
+    gated.failing = False
+    assert tracker.flush(deadline_s=10.0)
+    assert steps_and_values(tracker, "a", "val_acc") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert steps_and_values(tracker, "b", "val_acc") == [(2, 12.0), (3, 13.0)]
+    tracker.finish_study("FINISHED")
+    assert tracker.save_unsent() == 0 and not tracker.unsent_path.exists()
+
+
+def test_what_a_store_never_took_is_saved_in_order_and_not_sent_later(
+    store: tuple[str, str], tmp_path: Path
+) -> None:
+    tracker, gated = open_tracker(store, tmp_path)
+    open_trial(tracker, "a")
+    gated.failing = True
+    for step in (1, 2):
+        tracker.log_metrics("a", {"val_acc": float(step)}, step)
+    tracker.finish_trial("a", "error")
+    assert not tracker.flush(deadline_s=0.5)
+    assert tracker.save_unsent() == 4
+    assert tracker.pending == 0
+    lines = [json.loads(line) for line in tracker.unsent_path.read_text().splitlines()]
+    assert [(line["operation"], line.get("step")) for line in lines] == [
+        ("metrics", 1),
+        ("metrics", 2),
+        ("tags", None),
+        ("end", None),
+    ]
+    gated.failing = False
+    time.sleep(tracking.FLUSH_RETRY_S + 0.5)  # past the next retry, had the writer not been stopped
+    assert steps_and_values(tracker, "a", "val_acc") == []
+    assert tracker.save_unsent() == 0  # nothing is saved twice
+    assert len(tracker.unsent_path.read_text().splitlines()) == 4
+
+
+def test_the_callback_pickles_with_a_live_writer(store: tuple[str, str], tmp_path: Path) -> None:
+    from sbn_study.callbacks import TrackingCallback
+    from sbn_study.spec import load_spec
+    from tests.conftest import QUICKSTART
+
+    tracker, _ = open_tracker(store, tmp_path)
+    callback = TrackingCallback(
+        load_spec(QUICKSTART), tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path
+    )
+    open_trial(callback.tracker, "a")
+    callback.tracker.log_metrics("a", {"val_acc": 1.0}, 1)
+    restored = pickle.loads(pickle.dumps(callback))
+    assert restored._tracker is None and restored.uri == tracker.uri
+    callback.on_experiment_end([])
+    assert callback.tracker.pending == 0
+    tracker.close()
