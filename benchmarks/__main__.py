@@ -29,17 +29,6 @@ QUICK_CONSTANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _sbn_layer_verdict(rows: list[dict[str, Any]]) -> str:
-    worst_bn = max(rows, key=lambda row: float(row["auto/bn"]))
-    worst_fft = min(rows, key=lambda row: float(row["fft/auto"]))
-    bn_ok, fft_ok = float(worst_bn["auto/bn"]) <= 1.5, float(worst_fft["fft/auto"]) >= 3
-    text = (
-        f"auto/BN = {worst_bn['auto/bn']}× at worst ({worst_bn['shape']}), "
-        f"fft/auto = {worst_fft['fft/auto']}× at worst ({worst_fft['shape']})"
-    )
-    return f"{'met' if bn_ok and fft_ok else 'NOT met'}: {text}"
-
-
 def _data_verdict(rows: list[dict[str, Any]]) -> str:
     others = [row for row in rows if row["pipeline"] != "DeviceLoader"]
     worst = min(others, key=lambda row: float(row["DeviceLoader ×"]))
@@ -48,7 +37,7 @@ def _data_verdict(rows: list[dict[str, Any]]) -> str:
 
 
 # Verdicts for the modules that do not compute their own; a module's own `verdict` wins.
-FALLBACK_VERDICTS = {"sbn_layer": _sbn_layer_verdict, "data": _data_verdict}
+FALLBACK_VERDICTS = {"data": _data_verdict}
 
 
 @contextmanager

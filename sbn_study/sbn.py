@@ -50,12 +50,13 @@ class _Constants(NamedTuple):
     # Rows of the input go through one GEMM `basis @ rows.T` in groups of `block` consecutive rows: a GEMM
     # over rows of only W = 4 or 8 values runs far below memory speed, one over 16 values does not.
     block: int
-    # Rows of the basis that give the row sums; the last 2 rows weight row 0 of a map into its share of the mean.
-    row_terms: int
-    # (row_terms + 2)×(block·W): block-diagonal copies of [1, (-1)^w] (the alternating row only for even W),
-    # whose squared projections give the energy of the kw=0 and kw=W/2 columns; then [Re, Im] of
-    # κ/Wr · Σ_{kw<Wr} exp(-2πi·kw·w/W) on the first row of the block.
+    # (block·terms)×(block·W): block-diagonal copies of [1, (-1)^w] (the alternating row only for even W), the
+    # row sums and alternating row sums whose squares give the energy of the kw=0 and kw=W/2 columns.
     basis: Tensor
+    # (block·W)×(block·W): W·I + basisᵀ·basis, the quadratic form of a group of rows' energy (up to `energy`).
+    gram: Tensor
+    # 2×W: [Re, Im] of κ/Wr · Σ_{kw<Wr} exp(-2πi·kw·w/W), which weights row 0 of a map into its share of the mean.
+    mean_weights: Tensor
     # 2×W row 0 of [irfft2(1), irfft2(i)], the maps that a constant complex spectrum becomes.
     spike: Tensor
     # κ²/(2·Wr): mean |X|² = energy · (W·Σx² + Σ(row sums)²) / N.
@@ -75,8 +76,7 @@ def _build_constants(
     row_basis = [torch.ones(width, dtype=torch.float64)]
     if width % 2 == 0:
         row_basis.append(1.0 - 2.0 * (w % 2))
-    mean_rows = torch.zeros(2, block * width, dtype=torch.float64)
-    mean_rows[:, :width] = torch.stack([angle.cos().sum(0), -angle.sin().sum(0)]) * (kappa / half)
+    mean_weights = torch.stack([angle.cos().sum(0), -angle.sin().sum(0)]) * (kappa / half)
     # irfft2 of a constant spectrum a: the sum over kh leaves H·δ(h); along W, c2r counts the bins other than
     # kw=0 and kw=W/2 twice and takes Re(a·exp(iθ)), i.e. cos θ for a=1 and -sin θ for a=i.
     multiplicity = torch.full((half, 1), 2.0, dtype=torch.float64)
@@ -86,11 +86,13 @@ def _build_constants(
     spike = torch.stack([(multiplicity * angle.cos()).sum(0), -(multiplicity * angle.sin()).sum(0)]) / (
         kappa * width
     )
-    basis = torch.cat([torch.block_diag(*[torch.stack(row_basis)] * block), mean_rows])
+    basis = torch.block_diag(*[torch.stack(row_basis)] * block)
+    gram = width * torch.eye(block * width, dtype=torch.float64) + basis.T @ basis
     return _Constants(
         block=block,
-        row_terms=block * len(row_basis),
         basis=basis.to(device, dtype),
+        gram=gram.to(device, dtype),
+        mean_weights=mean_weights.to(device, dtype),
         spike=spike.to(device, dtype),
         energy=kappa * kappa / (2 * half),
     )
@@ -116,25 +118,37 @@ def _constants(
     return _cached_constants(height, width, block, fft_norm, device, dtype)
 
 
+# The most values one GEMM row takes. Up to this many, the backward multiplies by the dense `gram` (still
+# memory-bound at 16×16); wider rows keep to the low-rank basis, since a W×W GEMM at W = 32 costs more than the
+# passes it saves.
+DENSE_ROW = 16
+
+
 def _block_rows(x: Tensor) -> int:
-    """How many rows of an NCHW-contiguous x one GEMM row takes: the most that divide H and fit in 16 values."""
+    """How many rows of an NCHW-contiguous x one GEMM row takes: the most that divide H and fit in DENSE_ROW."""
     height, width = x.shape[-2:]
-    if _channels_last(x) or width >= 16:
+    if _channels_last(x) or width >= DENSE_ROW:
         return 1
-    return max(b for b in range(1, height + 1) if height % b == 0 and b * width <= 16)
+    return max(b for b in range(1, height + 1) if height % b == 0 and b * width <= DENSE_ROW)
 
 
 def _channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _project(x: Tensor, consts: _Constants) -> Tensor:
-    """`basis @ rows.T` as a K×N×C×(H/block) view, one GEMM over x's own layout."""
+def _project(x: Tensor, consts: _Constants, out: Tensor | None = None) -> Tensor:
+    """`basis @ rows.T` as an R×C×S tensor, per channel C: one GEMM over x's own layout, written into the memory
+    of `out` (a tensor of x's shape and layout) when given."""
     n, c, h, w = x.shape
     k = consts.basis.shape[0]
     if _channels_last(x):
-        return torch.matmul(consts.basis, x.permute(0, 2, 3, 1)).permute(2, 0, 3, 1)
-    return (consts.basis @ x.view(-1, consts.block * w).T).view(k, n, c, h // consts.block)
+        shape: tuple[int, ...] = (n, h, k, c)
+        rows = x.permute(0, 2, 3, 1)
+        memory = None if out is None else out.permute(0, 2, 3, 1).view(-1)[: math.prod(shape)].view(shape)
+        return torch.matmul(consts.basis, rows, out=memory).view(-1, c, 1)
+    shape = (k, x.numel() // (consts.block * w))
+    memory = None if out is None else out.view(-1)[: math.prod(shape)].view(shape)
+    return torch.mm(consts.basis, x.view(-1, consts.block * w).T, out=memory).view(k * n, c, -1)
 
 
 def _add_projection_(out: Tensor, coef: Tensor, consts: _Constants) -> None:
@@ -143,18 +157,15 @@ def _add_projection_(out: Tensor, coef: Tensor, consts: _Constants) -> None:
     k = consts.basis.shape[0]
     if _channels_last(out):
         rows = out.permute(0, 2, 3, 1).view(n * h, w, c)
-        rows.baddbmm_(consts.basis.T.expand(n * h, w, k), coef.permute(1, 3, 0, 2).reshape(n * h, k, c))
+        rows.baddbmm_(consts.basis.T.expand(n * h, w, k), coef.view(n * h, k, c))
     else:
-        out.view(-1, consts.block * w).addmm_(coef.reshape(k, -1).T, consts.basis)
+        out.view(-1, consts.block * w).addmm_(coef.view(k, -1).T, consts.basis)
 
 
-def _batch_sum(z: Tensor, channels_last: bool) -> Tensor:
-    """Σ over dim 1 (N) of a K×N×C×B projection from `_project`, as K×C×B."""
-    if channels_last:
-        # z is a view of an N×H×K×C tensor: sum in memory order (a CPU reduction that writes its output
-        # transposed to how it reads it is an order of magnitude slower).
-        return z.permute(1, 3, 0, 2).sum(0).permute(1, 2, 0)
-    return z.sum(1)
+def _channel_sum(z: Tensor) -> Tensor:
+    """Σ over dims 0 and 2 of an R×C×S tensor from `_project`."""
+    # Two steps: one reduction over both dims, with a short contiguous inner dim, is several times slower.
+    return z.sum(0).sum(-1)
 
 
 def _batch_sum_of_row0(x: Tensor) -> Tensor:
@@ -162,6 +173,15 @@ def _batch_sum_of_row0(x: Tensor) -> Tensor:
     if _channels_last(x):
         return x.permute(0, 2, 3, 1)[:, 0].sum(0).T
     return x[:, :, 0, :].sum(0)
+
+
+def _row0_map(x: Tensor, row: Tensor) -> Tensor:
+    """A C×H×W map in x's own layout that is `row` (C×W) on row 0 and zero elsewhere."""
+    c, h, w = x.shape[1:]
+    # In x's layout, so that an elementwise op with x walks both in the same order.
+    out = x.new_zeros(h, w, c).permute(2, 0, 1) if _channels_last(x) else x.new_zeros(c, h, w)
+    out[:, 0, :] = row
+    return out
 
 
 def _channel_sum_of_squares(x: Tensor) -> Tensor:
@@ -175,13 +195,14 @@ def _channel_sum_of_squares(x: Tensor) -> Tensor:
 
 
 def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Σ a·b per channel, for a and b of the same layout, without a full-size temporary where possible."""
-    n, c = a.shape[:2]
-    if _channels_last(a):
-        return torch.linalg.vecdot(
-            a.permute(0, 2, 3, 1).reshape(-1, c), b.permute(0, 2, 3, 1).reshape(-1, c), dim=0
-        )
-    return torch.bmm(a.view(n * c, 1, -1), b.view(n * c, -1, 1)).view(n, c).sum(0)
+    """Σ a·b per channel, for a and b of the same layout."""
+    # BN's backward reduction Σ grad·(x - mean)·invstd at mean 0, invstd 1: one vectorized pass in either layout
+    # without a temporary, where a batched dot per (n, c) plane pays a GEMV call per plane.
+    c = a.shape[1]
+    _, dot, _ = torch.ops.aten.native_batch_norm_backward(
+        a, b, None, None, None, a.new_zeros(c), a.new_ones(c), True, 0.0, [False, True, False]
+    )
+    return dot
 
 
 class _ClosedForm(torch.autograd.Function):
@@ -203,28 +224,24 @@ class _ClosedForm(torch.autograd.Function):
         eps: float,
         consts: _Constants,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        n, c, h, w = x.shape
+        n, w = x.shape[0], x.shape[-1]
+        y = torch.empty_like(x)
         batch_stats = mean is None or var is None
         if batch_stats:
-            # Not saved for backward, which recomputes it: one more GEMM, but no activation-sized tensor kept
-            # alive and a slice of it can be squared in place.
-            projection = _project(x, consts)
-            rows = consts.row_terms
-            projection[:rows].square_()
-            sums = _batch_sum(projection, _channels_last(x))
-            mean = sums[rows:, :, 0].T / n
-            second_moment = consts.energy * (w * _channel_sum_of_squares(x) + sums[:rows].sum((0, 2))) / n
+            # The projection lives in y's memory until y overwrites it: no activation-sized temporary (whose
+            # fresh pages can cost more than the GEMM), and none kept for backward, which recomputes what it needs.
+            row_sums = _channel_sum(_project(x, consts, out=y).square_())
+            mean = _batch_sum_of_row0(x) @ consts.mean_weights.T / n
+            second_moment = torch.add(row_sums, _channel_sum_of_squares(x), alpha=w).mul_(consts.energy / n)
             # E|X|² - |mu|² may round below zero when |mu|² dominates; the true value never is.
-            var = (second_moment - mean.square().sum(1)).clamp_min(0)
+            var = second_moment.sub_(mean.square().sum(1)).clamp_min_(0)
         inv_std = (var + eps).rsqrt()
         scale = inv_std if weight is None else weight * inv_std
-        shift = -scale[:, None] * mean
+        # The spike of c = beta - s·mu: -s·(mu @ spike) + beta ⊗ spike[0].
+        row0 = (mean @ consts.spike).mul_(-scale[:, None])
         if bias is not None:
-            shift[:, 0] += bias
-        # The spike in x's own layout, so that the addcmul below walks all three operands in the same order.
-        offset = x.new_zeros(h, w, c).permute(2, 0, 1) if _channels_last(x) else x.new_zeros(c, h, w)
-        offset[:, 0, :] = shift @ consts.spike
-        y = torch.addcmul(offset, x, scale[:, None, None], out=torch.empty_like(x))
+            row0.addr_(bias, consts.spike[0])
+        torch.addcmul(_row0_map(x, row0), x, scale[:, None, None], out=y)
         ctx.save_for_backward(x, mean, inv_std, scale)
         ctx.consts = consts  # type: ignore[attr-defined]
         ctx.batch_stats = batch_stats  # type: ignore[attr-defined]
@@ -257,22 +274,26 @@ class _ClosedForm(torch.autograd.Function):
             grad_scale = _channel_dot(grad_y, x) - (grad_shift * mean).sum(1)
             if need_weight:
                 grad_weight = grad_scale * inv_std
-        if need_x:
-            grad_x = torch.empty_like(x)
-            torch.mul(grad_y, scale[:, None, None], out=grad_x)
-            if batch_stats:
-                grad_var = -0.5 * grad_scale * scale * inv_std.square()
-                grad_mean = -scale[:, None] * grad_shift - 2 * mean * grad_var[:, None]
-                # d E|X|²/dx = (2·energy/N)·(W·x + Σ_k projection_k·basis_k) over the row terms of the basis;
-                # the mean terms of the basis carry dL/dmu / N on the first row block of each map.
-                coef = (2 * consts.energy / n) * grad_var
+        if need_x and not batch_stats:
+            grad_x = grad_y * scale[:, None, None]
+        elif need_x:
+            # dL/dx = s·dL/dy + (dL/dmu / N)·mean_weights on row 0 + coef·(W·x + Σ_k projection_k·basis_k), the
+            # last the derivative of E|X|² with coef = 2·energy/N · dL/dvar. With g = dL/ds·inv_std²,
+            # dL/dvar = -s·g/2 and dL/dmu = s·(g·mu - dL/dc).
+            g = grad_scale * inv_std.square()
+            grad_mean_row = (mean * g[:, None] - grad_shift) @ consts.mean_weights
+            row0 = _row0_map(x, grad_mean_row.mul_((scale / n)[:, None]))
+            coef = g.mul_(scale).mul_(-consts.energy / n)
+            if not _channels_last(x) and consts.gram.shape[0] <= DENSE_ROW:
+                # Short rows: W·x + Σ_k projection_k·basis_k is x·gram, one GEMM straight into grad_x, which
+                # saves two passes and the projection temporary for the price of a denser GEMM.
+                grad_x = torch.mm(x.view(-1, consts.gram.shape[0]), consts.gram).view_as(x)
+                torch.addcmul(row0, grad_x, coef[:, None, None], out=grad_x)
+                grad_x.addcmul_(grad_y, scale[:, None, None])
+            else:
+                grad_x = torch.addcmul(row0, grad_y, scale[:, None, None], out=torch.empty_like(x))
                 grad_x.addcmul_(x, (w * coef)[:, None, None])
-                rows = consts.row_terms
-                projection = _project(x, consts)
-                projection[:rows].mul_(coef[:, None])
-                projection[rows:, :, :, 1:] = 0
-                projection[rows:, :, :, 0] = (grad_mean.T / n)[:, None, :]
-                _add_projection_(grad_x, projection, consts)
+                _add_projection_(grad_x, _project(x, consts).mul_(coef[:, None]), consts)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
@@ -446,4 +467,4 @@ class SpectralBatchNorm2d(nn.Module):
             (self.running_mean_imag, mean[:, 1]),
             (self.running_var, var * (bins / (bins - 1))),
         ):
-            running.mul_(1 - factor).add_(batch.to(running.dtype) * factor)
+            running.lerp_(batch.to(running.dtype), factor)

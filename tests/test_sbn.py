@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from sbn_study.sbn import SpectralBatchNorm2d
+from sbn_study.sbn import DENSE_ROW, SpectralBatchNorm2d
 
 SHAPES = [(2, 3, 5, 7), (4, 3, 8, 8), (3, 2, 6, 9), (5, 4, 7, 4)]
 NORMS = ["backward", "ortho", "forward"]
@@ -105,6 +105,21 @@ def _bins(x: Tensor) -> int:
     return n * h * (w // 2 + 1)
 
 
+def _assert_matches_reference(
+    layer: SpectralBatchNorm2d, x: Tensor, y: Tensor, grad: Tensor, params: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """y = layer(x) and its gradients against the float64 reference; returns the reference's batch mean, var."""
+    expected, mean, var = ref_sbn(x, layer.weight, layer.bias, layer.eps, layer.fft_norm)
+    assert _rel(y, expected) < 1e-10
+    for actual_grad, expected_grad in zip(
+        torch.autograd.grad(y, [x, *params], grad),
+        torch.autograd.grad(expected, [x, *params], grad),
+        strict=True,
+    ):
+        assert _rel(actual_grad, expected_grad) < 1e-10
+    return mean, var
+
+
 def test_reference_inverse_is_torch_irfft2_also_for_non_hermitian_spectra(gen: torch.Generator) -> None:
     # The layer's spectrum is not Hermitian once the complex mean is subtracted; the reference must follow
     # irfft2's convention for it (imaginary parts of the kw=0 and kw=W/2 bins dropped), as the paper's layer does.
@@ -132,15 +147,8 @@ def test_matches_reference(
     params = [p for p in (layer.weight, layer.bias) if p is not None]
 
     y = layer(x)
-    expected, mean, var = ref_sbn(x, layer.weight, layer.bias, layer.eps, norm)
     assert y.dtype == x.dtype and y.shape == x.shape
-    assert _rel(y, expected) < 1e-10
-    for actual_grad, expected_grad in zip(
-        torch.autograd.grad(y, [x, *params], grad),
-        torch.autograd.grad(expected, [x, *params], grad),
-        strict=True,
-    ):
-        assert _rel(actual_grad, expected_grad) < 1e-10
+    mean, var = _assert_matches_reference(layer, x, y, grad, params)
 
     unbiased = var * _bins(x) / (_bins(x) - 1)
     assert _rel(layer.running_mean_real, 0.1 * mean.real) < 1e-10
@@ -206,6 +214,34 @@ def test_gradcheck(gen: torch.Generator, shape: tuple[int, int, int, int], impl:
     assert torch.autograd.gradcheck(function, (x, weight, bias), fast_mode=impl == "fft")
 
 
+# NCHW maps up to DENSE_ROW wide take the dense-gram backward; wider ones and channels-last maps the low-rank one.
+DENSE_SHAPES = [(3, 2, 4, 4), (2, 3, 6, 8), (2, 2, 3, DENSE_ROW)]
+LOW_RANK_SHAPES = [(3, 2, 3, DENSE_ROW + 4), (2, 3, 2, DENSE_ROW + 1)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", DENSE_SHAPES + LOW_RANK_SHAPES)
+def test_dense_and_low_rank_backward_match_reference(
+    gen: torch.Generator, shape: tuple[int, int, int, int], channels_last: bool
+) -> None:
+    layer = _layer(gen, shape[1], fft_norm=NORMS[shape[-1] % 3])
+    x = _input(gen, shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = _randn(gen, *shape)
+    _assert_matches_reference(layer, x, layer(x), grad, [layer.weight, layer.bias])
+
+
+@pytest.mark.parametrize("shape", [DENSE_SHAPES[0], LOW_RANK_SHAPES[1]])
+def test_gradcheck_of_both_backward_paths_without_affine(
+    gen: torch.Generator, shape: tuple[int, ...]
+) -> None:
+    layer = _layer(gen, shape[1], affine=False, fft_norm="forward")
+    x = _input(gen, shape).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
 # --- impl="auto" against impl="fft" -----------------------------------------------------------------------
 
 AGREEMENT_SHAPES = [
@@ -216,6 +252,7 @@ AGREEMENT_SHAPES = [
     (2, 8, 4, 4),
     (6, 4, 16, 16),
     (3, 2, 1, 6),
+    (2, 3, 3, 20),
 ]
 
 
