@@ -16,7 +16,7 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from sbn_study.spec import StudySpec
+from sbn_study.spec import StudySpec, sampling_order
 
 
 def make_sampler(spec: StudySpec) -> Any:
@@ -81,6 +81,7 @@ class SearchSpace:
 
     def __init__(self, spec: StudySpec) -> None:
         self.space = spec.search.space
+        self.order = sampling_order(self.space)
         self.base = spec.base_config()
 
     def current(self, sampled: dict[str, Any], key: str) -> Any:
@@ -93,7 +94,8 @@ class SearchSpace:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         sampled: dict[str, Any] = {}
-        for key, dist in self.space.items():
+        for key in self.order:
+            dist = self.space[key]
             if all(self.current(sampled, k) in values for k, values in dist.when.items()):
                 sampled[key] = suggest(trial, key, dist)
         return sampled

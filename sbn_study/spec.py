@@ -581,7 +581,39 @@ def _space_errors(space: Mapping[str, Distribution]) -> tuple[list[str], dict[st
             condition_errors, when[condition] = _when_errors(key, condition, values, resolved)
             errors += condition_errors
         resolved[key] = dist.model_copy(update={"when": when})
+    try:
+        sampling_order(resolved)
+    except ValueError as cycle:
+        errors.append(
+            f"search.space: the when conditions form a cycle ({cycle}): none could be sampled first"
+        )
     return errors, resolved
+
+
+def sampling_order(space: Mapping[str, Distribution]) -> list[str]:
+    """The searched keys, each after the searched keys its `when` conditions name, else in spec order.
+
+    A condition is checked against what this trial sampled, so the key it names must be sampled first,
+    wherever the spec lists it. Raises ValueError naming the keys of a cycle.
+    """
+    order: list[str] = []
+    path: list[str] = []
+
+    def visit(key: str) -> None:
+        if key in order:
+            return
+        if key in path:
+            raise ValueError(" → ".join([*path[path.index(key) :], key]))
+        path.append(key)
+        for condition in space[key].when:
+            if condition in space:
+                visit(condition)
+        path.pop()
+        order.append(key)
+
+    for key in space:
+        visit(key)
+    return order
 
 
 def _when_errors(

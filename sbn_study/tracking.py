@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import threading
 import time
 import weakref
@@ -22,7 +23,7 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from sbn_study.errors import UserError
 
@@ -57,14 +58,14 @@ def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None, output: Path
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or default_tracking_uri(output)
 
 
-def redact_uri(uri: str) -> str:
-    """Drops user:password@ from a URI so credentials never reach logged params, tags or artifacts."""
-    parts = urlsplit(uri)
-    if not parts.username and not parts.password:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
+# scheme://user:password@ — the user-info part of any URI, wherever it stands in a text.
+_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s'\"]*@")
+
+
+def redact_uri(text: str) -> str:
+    """Drops user:password@ from every URI in `text` (one URI, or a whole spec), so that credentials never
+    reach logged params, tags, artifacts or messages."""
+    return _USER_INFO.sub(r"\g<scheme>", text)
 
 
 def is_remote_store(uri: str) -> bool:

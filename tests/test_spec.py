@@ -313,6 +313,17 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
         ],
     ),
     (
+        "conditions in a cycle",
+        space(
+            norm__kind={"choice": ["sbn", "2bn"], "when": {"norm.fft_norm": "ortho"}},
+            norm__fft_norm={"choice": ["backward", "ortho"], "when": {"norm.kind": "sbn"}},
+        ),
+        [
+            "search.space: the when conditions form a cycle (norm.kind → norm.fft_norm → norm.kind): "
+            "none could be sampled first"
+        ],
+    ),
+    (
         "condition never met by the choices",
         space(
             norm__kind={"choice": ["sbn", "2bn"]},

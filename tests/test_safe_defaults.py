@@ -1,0 +1,83 @@
+"""Safe by default: the UI and the embedded Ray bind to nothing but loopback, and credentials never reach
+what a study records."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from sbn_study.tracking import redact_uri
+from tests.servers import free_port, kill_tree
+
+
+def test_redact_uri_drops_user_info_from_every_uri_in_a_text() -> None:
+    text = (
+        "tracking:\n  uri: https://alice:s3cret@mlflow.example.com:5000/x\n"
+        "storage: s3://AKIAKEY:topsecret@bucket/sbn\n"
+        "root: sqlite:////data/a@b/mlflow.db\n"
+        "contact: someone@example.com\n"
+    )
+    assert redact_uri(text) == (
+        "tracking:\n  uri: https://mlflow.example.com:5000/x\n"
+        "storage: s3://bucket/sbn\n"
+        "root: sqlite:////data/a@b/mlflow.db\n"
+        "contact: someone@example.com\n"
+    )
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {
+        conn.laddr.ip
+        for process in processes
+        for conn in process.net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN
+    }
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_on_loopback_only(tmp_path: Path) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "sbn_study.cli", "ui", "--output", str(tmp_path), "--port", str(port)]
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        assert log.read_text().startswith(
+            f"MLflow UI for sqlite:///{tmp_path.resolve() / 'mlflow.db'} at http://127.0.0.1:{port}"
+        )
+        assert _listening_addresses(process.pid) == {"127.0.0.1"}
+    finally:
+        kill_tree(process)
+
+
+def test_embedded_ray_starts_without_a_dashboard(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import ray
+
+    from sbn_study.study import RunOptions, start_ray
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    assert start_ray(RunOptions(output=tmp_path, num_cpus=2))
+    assert calls and calls[0]["include_dashboard"] is False
