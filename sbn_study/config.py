@@ -90,7 +90,11 @@ class FeatureStatsConfig(Strict):
     interval: int = Field(5, ge=1, description="epochs between measurements; epoch 0 (init) always")
     # 128 images give each site's statistics over 10^5–10^6 values; twice that doubled the measurement's cost
     # (benchmarks/feature_stats.py) without moving a percentile visibly.
-    probe_size: int = Field(128, ge=1, description="fixed validation images the statistics are measured on")
+    probe_size: int = Field(
+        128,
+        ge=2,
+        description="fixed validation images the statistics are measured on (batch statistics: ≥ 2)",
+    )
 
 
 class TrialConfig(Strict):

@@ -678,6 +678,20 @@ def _budget_errors(search: SearchConfig, base: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def _setting_errors(base: Mapping[str, Any], search: SearchConfig | None) -> list[str]:
+    """Settings that are valid one by one but not together."""
+    errors = []
+    if base.get("train.nesterov") and base.get("train.momentum") == 0:
+        errors.append("train.nesterov: Nesterov momentum needs train.momentum > 0, got 0")
+    on_validation = [m for m in (search.metrics if search else []) if m.startswith("val_")]
+    if on_validation and base.get("data.val_size") == 0:
+        errors.append(
+            f"data.val_size: search.metric {on_validation[0]} is measured on the validation split, "
+            "which needs at least 1 image, got 0"
+        )
+    return errors
+
+
 def _component_errors(
     base: Mapping[str, Any], space: Mapping[str, Distribution], resolved: Mapping[str, Distribution]
 ) -> list[str]:
@@ -836,7 +850,7 @@ def _build(data: Any, overrides: Sequence[str], source: str) -> StudySpec:
     errors += space_errors
     if search:
         errors += _objective_errors(search) + _budget_errors(search, base)
-    errors += _component_errors(base, space, resolved)
+    errors += _setting_errors(base, search) + _component_errors(base, space, resolved)
     if errors or spec is None:
         raise SpecError(list(dict.fromkeys(errors)))
     # Trials then sample the values the trial config stores ("34", not 34), and MLflow logs those.
@@ -886,7 +900,7 @@ def load_trial_config(
         base = _valid_parts(data)[0]
     else:
         base = flatten(config.model_dump(include=set(_TRIAL_SECTIONS)))
-    errors += _component_errors(base, {}, {})
+    errors += _setting_errors(base, None) + _component_errors(base, {}, {})
     if errors or config is None:
         raise SpecError(list(dict.fromkeys(errors)))
     return config

@@ -104,7 +104,8 @@ def evaluate(model: nn.Module, loader: DeviceLoader, *, amp: bool = False) -> tu
 def _probe_batch(dataset: ImageDataset, config: TrialConfig, device: torch.device) -> torch.Tensor:
     # A fixed batch (the first images of the validation split, unaugmented) so that every measurement,
     # in every trial, looks at the same inputs.
-    source = dataset.val if dataset.val.labels.numel() else dataset.train
+    # Batch statistics need 2 images at least: a smaller validation split lends the probe training images.
+    source = dataset.val if dataset.val.labels.numel() >= 2 else dataset.train
     probe = Split(source.images[: config.features.probe_size], source.labels[: config.features.probe_size])
     loader = DeviceLoader(
         probe,

@@ -313,6 +313,24 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
         ],
     ),
     (
+        "nesterov without momentum",
+        {"train": {"nesterov": True, "momentum": 0}},
+        ["train.nesterov: Nesterov momentum needs train.momentum > 0, got 0"],
+    ),
+    (
+        "a validation metric without a validation split",
+        {"data": {"val_size": 0}},
+        [
+            "data.val_size: search.metric val_acc is measured on the validation split, "
+            "which needs at least 1 image, got 0"
+        ],
+    ),
+    (
+        "a probe too small for batch statistics",
+        {"features": {"probe_size": 1}},
+        ["features.probe_size: must be >= 2, got 1"],
+    ),
+    (
         "conditions in a cycle",
         space(
             norm__kind={"choice": ["sbn", "2bn"], "when": {"norm.fft_norm": "ortho"}},

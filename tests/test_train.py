@@ -14,8 +14,8 @@ from sbn_study.data import load_dataset
 from sbn_study.errors import UserError
 from sbn_study.featstats import PERCENTILES, STAT_NAMES, _site_stats, measure_feature_stats
 from sbn_study.models import create_model
-from sbn_study.norms import norm_sites
-from sbn_study.train import lr_at, train
+from sbn_study.norms import norm_parameters, norm_sites
+from sbn_study.train import lr_at, make_optimizer, train
 
 
 def tiny_config(**train_overrides: object) -> TrialConfig:
@@ -181,6 +181,35 @@ def test_site_statistics_match_a_float64_reference(shape: tuple[int, ...]) -> No
     # Inner percentiles come from a subsample of large maps: close on the scale of the distribution's spread.
     for p in PERCENTILES[1:-1]:
         assert abs(got[f"p{p}"] - expected[f"p{p}"]) < 0.01 * spread, p
+
+
+def test_a_one_image_validation_split_lends_the_probe_training_images() -> None:
+    config = tiny_config(epochs=1)
+    config.data = config.data.model_copy(update={"val_size": 1})
+    reports: list[dict[str, float]] = []
+    train(config, report=lambda metrics, _ckpt: reports.append(metrics))
+    # SBN's batch statistics would refuse a one-image probe; the statistics exist for every site.
+    assert {"fm/layer3.bn.sbn/norm", "fm/layer3.bn.bn/norm"} <= reports[0].keys()
+
+
+def test_nesterov_and_norm_weight_decay_exclusion_reach_the_optimizer() -> None:
+    config = tiny_config(nesterov=True, norm_weight_decay=False, weight_decay=1e-3)
+    model = create_model("tiny", 10, norm="sbn", placement="3", width=8)
+    optimizer = make_optimizer(model, config)
+    decayed, exempt = optimizer.param_groups
+    assert decayed["nesterov"] and (decayed["weight_decay"], exempt["weight_decay"]) == (1e-3, 0.0)
+    norm_ids = {id(p) for p in norm_parameters(model)}
+    assert {id(p) for p in exempt["params"]} == norm_ids and norm_ids
+    assert not norm_ids & {id(p) for p in decayed["params"]}
+
+
+def test_cosine_schedule_runs_from_lr_to_near_zero() -> None:
+    config = tiny_config(epochs=10, lr=0.2, schedule="cosine")
+    assert [round(lr_at(config, e), 6) for e in (0, 5, 9)] == [
+        0.2,
+        0.1,
+        round(0.1 * (1 + math.cos(0.9 * math.pi)), 6),
+    ]
 
 
 def test_feature_statistics_leave_the_model_untouched() -> None:
