@@ -55,7 +55,21 @@ def default_tracking_uri(output: Path) -> str:
 
 def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None, output: Path) -> str:
     """--tracking-uri, then MLFLOW_TRACKING_URI, then the spec's tracking.uri, then sqlite under the output."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or default_tracking_uri(output)
+    for source, uri in (
+        ("--tracking-uri", cli_uri),
+        ("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")),
+        ("tracking.uri", spec_uri),
+    ):
+        if uri:
+            # MLflow 3 refuses new runs in a plain folder (its file store is in maintenance mode), deep inside
+            # the first call; a Windows drive letter parses as a one-letter scheme.
+            if len(urlsplit(uri).scheme) <= 1 or uri.startswith("file:"):
+                raise UserError(
+                    f"{source}: MLflow does not keep runs in a plain folder; give a database "
+                    f"(sqlite:///PATH/mlflow.db) or a server (http://HOST:5000), got {redact_uri(uri)}"
+                )
+            return uri
+    return default_tracking_uri(output)
 
 
 # scheme://user:password@ — the user-info part of any URI, wherever it stands in a text.

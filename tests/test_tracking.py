@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from sbn_study import tracking
+from sbn_study.errors import UserError
 from sbn_study.tracking import STAND_IN_PREFIX, StudyTracker, ensure_experiment
 
 # Far below what one sqlite write costs, far above what appending to a queue costs.
@@ -207,3 +208,32 @@ def test_the_callback_pickles_with_a_live_writer(store: tuple[str, str], tmp_pat
     callback.on_experiment_end([])
     assert callback.tracker.pending == 0
     tracker.close()
+
+
+@pytest.mark.parametrize("uri", ["./mlruns", "/data/mlruns", "file:///data/mlruns", "C:\\mlruns"])
+def test_a_plain_folder_store_is_refused_naming_where_it_came_from(
+    uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    expected = (
+        "MLflow does not keep runs in a plain folder; give a database (sqlite:///PATH/mlflow.db) or a server "
+        f"(http://HOST:5000), got {uri}"
+    )
+    with pytest.raises(UserError) as caught:
+        tracking.resolve_tracking_uri(None, uri, tmp_path)
+    assert str(caught.value) == f"tracking.uri: {expected}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(UserError) as caught:
+        tracking.resolve_tracking_uri(None, "sqlite:///ignored.db", tmp_path)
+    assert str(caught.value) == f"MLFLOW_TRACKING_URI: {expected}"
+
+
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert (
+        tracking.resolve_tracking_uri(None, None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    )
+    assert tracking.resolve_tracking_uri(None, "http://spec:5000", tmp_path) == "http://spec:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert tracking.resolve_tracking_uri(None, "http://spec:5000", tmp_path) == "http://env:5000"
+    assert tracking.resolve_tracking_uri("http://cli:5000", "http://spec:5000", tmp_path) == "http://cli:5000"
