@@ -391,6 +391,16 @@ class StudySpec(TrialConfig):
                 "train.epochs is searched but search.scheduler.max_t is not set: the scheduler's budget is "
                 f"the base train.epochs ({self.train.epochs})"
             )
+        if (
+            sampler in ("random", "qmc", "nsga2")
+            and "n_startup_trials" in self.search.sampler.model_fields_set
+        ):
+            found.append(
+                f"search.sampler.n_startup_trials: sampler {sampler!r} has no start-up phase; ignored"
+            )
+        scheduler = self.search.scheduler
+        if scheduler.type in ("hyperband", "none") and "grace_period" in scheduler.model_fields_set:
+            found.append(f"search.scheduler.grace_period: scheduler {scheduler.type!r} takes none; ignored")
         if not space and self.search.num_samples > 1:
             found.append(
                 f"search.space is empty: all {self.search.num_samples} trials run the base configuration"

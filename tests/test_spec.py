@@ -470,6 +470,22 @@ def test_spec_round_trips_through_its_dump() -> None:
     assert spec_from_dict(dumped) == spec
 
 
+def test_settings_a_sampler_or_scheduler_ignores_are_warned_about() -> None:
+    data = merged(
+        BASE,
+        {
+            "search": {
+                "sampler": {"type": "random", "n_startup_trials": 5},
+                "scheduler": {"type": "hyperband", "grace_period": 2},
+            }
+        },
+    )
+    assert spec_from_dict(data).warnings() == [
+        "search.sampler.n_startup_trials: sampler 'random' has no start-up phase; ignored",
+        "search.scheduler.grace_period: scheduler 'hyperband' takes none; ignored",
+    ]
+
+
 def test_warnings() -> None:
     data = merged(
         merged(BASE, {"search": {"sampler": {"type": "cmaes"}}}), space(norm__fft_norm={"choice": ["ortho"]})
