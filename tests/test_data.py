@@ -7,7 +7,9 @@ download test replaces torchvision's dataset class.
 from __future__ import annotations
 
 import pickle
+import time
 import urllib.error
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +201,22 @@ def test_download_goes_through_torchvision_once(tmp_path: Path, monkeypatch: pyt
     assert len(load_dataset(config).train) == 27
     assert len(load_dataset(config).train) == 27
     assert calls == [(str(tmp_path), True, True)]
+
+
+def test_trials_starting_together_download_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def slow_fake_cifar10(root: str, *, train: bool, download: bool) -> None:
+        calls.append(root)
+        time.sleep(0.5)  # a download takes a while: the other trial arrives meanwhile
+        _write_cifar10(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", slow_fake_cifar10)
+    config = DataConfig(dataset="cifar10", root=str(tmp_path), val_size=3, download=True)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        sizes = list(pool.map(lambda _: len(load_dataset(config).train), range(3)))
+    assert sizes == [27, 27, 27]
+    assert calls == [str(tmp_path)]
 
 
 def test_unreadable_batch(tmp_path: Path) -> None:
