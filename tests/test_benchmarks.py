@@ -34,7 +34,7 @@ def test_unknown_benchmark_is_refused() -> None:
 @pytest.mark.slow
 def test_quick_run_prints_a_table_and_a_verdict_per_benchmark() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "sbn_layer", "data", "--quick"],
+        [sys.executable, "-m", "benchmarks", "sbn_layer", "gpu_share", "data", "--quick"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -42,7 +42,11 @@ def test_quick_run_prints_a_table_and_a_verdict_per_benchmark() -> None:
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for heading, column in (("## sbn_layer (target:", "| shape"), ("## data (target:", "| pipeline")):
+    for heading, column in (
+        ("## sbn_layer (target:", "| shape"),
+        ("## gpu_share (target:", "| trials at once"),
+        ("## data (target:", "| pipeline"),
+    ):
         section = out.split(heading, 1)[1].split("\n## ", 1)[0]
         assert column in section
         assert "|---" in section
