@@ -11,11 +11,13 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 from sbn_study.errors import UserError
 from sbn_study.spec import StudySpec
@@ -26,6 +28,16 @@ from sbn_study.tracking import (
     redact_uri,
     resolve_tracking_uri,
 )
+
+T = TypeVar("T")
+
+# Tune's CSV/JSON/TensorBoard loggers would write every feature statistic of every result a second time; MLflow
+# is the record. Tune's warning about checkpointing every epoch (which we do on purpose, so a restarted trial
+# loses at most one epoch) would bury the live table.
+_TUNE_ENV = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,10 @@ def prepare_output(output: Path) -> Path:
     return output
 
 
+def is_ray_client(address: str | None) -> TypeGuard[str]:
+    return address is not None and address.startswith("ray://")
+
+
 def start_ray(options: RunOptions) -> bool:
     """Starts a local Ray or joins a cluster; returns True when this process started Ray."""
     import ray
@@ -74,13 +90,30 @@ def start_ray(options: RunOptions) -> bool:
     if ray.is_initialized():
         return False
     common: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "WARNING"}
+    if is_ray_client(options.address):
+        # Tune's loop then runs in an actor on the head node: it gets Tune's settings only through the job's
+        # environment, and its live table reaches this terminal only as a worker log. The INFO and WARNING
+        # lines of Ray, Tune and the trials that a local driver hides (log levels, no worker logs) stay hidden,
+        # the head's own session process included.
+        env = {key: os.environ.get(key, value) for key, value in _TUNE_ENV.items()}
+        common.update(
+            log_to_driver=True,
+            logging_level="ERROR",
+            runtime_env={"env_vars": env},
+            logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"),
+        )
     if options.address:
         try:
-            ray.init(address=options.address, **common)
+            _join(options.address, common)
         except Exception as exc:
             hint = (
                 "; a cluster with token authentication needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here"
             )
+            if is_ray_client(options.address):
+                hint += (
+                    "; ray:// needs the head's Ray Client server (ray start --head --ray-client-server-port "
+                    "PORT, default 10001, with ray[client] installed there)"
+                )
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(
                 f"--address: cannot join the Ray cluster at {options.address} ({first_line}){hint}"
@@ -89,6 +122,61 @@ def start_ray(options: RunOptions) -> bool:
     # An exposed Ray dashboard lets anyone run code on the cluster: keep it off on the embedded Ray.
     ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, **common)
     return True
+
+
+def _join(address: str, init_args: dict[str, Any], client_attempts: int = 3) -> None:
+    import ray
+
+    for attempt in range(1, client_attempts + 1):
+        try:
+            ray.init(address=address, **init_args)
+            return
+        except ConnectionAbortedError:
+            # The head's Ray Client proxy sometimes loses the server process it forks for a new session
+            # (ray-project/ray#63202, Ray 2.60): a new session gets a new process. A wrong token or port is a
+            # plain ConnectionError, not retried.
+            if not is_ray_client(address) or attempt == client_attempts:
+                raise
+            print(
+                f"sbn-study: the Ray Client server at {address} failed to start a session; trying again",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _check_ray_client(spec: StudySpec, uri: str, address: str) -> None:
+    """With Ray Client, Tune's loop and its MLflow writes run on the cluster's head node, not on this machine."""
+    if not is_remote_store(uri):
+        raise UserError(
+            f"tracking.uri: --address {address} runs the study on the cluster's head node, which needs an MLflow "
+            f"server (--tracking-uri http://HOST:5000), not the local store {redact_uri(uri)}"
+        )
+    if spec.storage is None:
+        raise UserError(
+            f"storage: --address {address} keeps Tune's state on the cluster: set `storage:` in the spec to a path "
+            "or URI the head node can write (e.g. /shared/sbn or s3://bucket/sbn), not the default <output>/ray"
+        )
+
+
+def _where_tune_runs(function: Callable[..., T], *args: Any) -> T:
+    """Calls `function` here, or with Ray Client on the head node, where Tune's loop runs (Tune's own rule)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.util.client.ray.is_connected():
+        return function(*args)
+    # Through Ray Client, the current node is the one of the client server: the head.
+    head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.get(ray.remote(num_cpus=0, scheduling_strategy=head)(function).remote(*args))
+
+
+def _unreachable(uri: str) -> str | None:
+    """check_reachable's refusal as text: an exception raised in a Ray task would come back as a traceback."""
+    try:
+        check_reachable(uri)
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def _check_cluster(spec: StudySpec, uri: str) -> None:
@@ -135,6 +223,8 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutcome:
     output = prepare_output(options.output)
     uri = resolve_tracking_uri(options.tracking_uri, spec.tracking.uri, output)
+    if is_ray_client(options.address):
+        _check_ray_client(spec, uri, options.address)
     check_reachable(uri)
     state_file = state_path(output, spec.name)
     state = _load_state(state_file)
@@ -158,6 +248,10 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
     started_ray = start_ray(options)
     try:
         _check_cluster(spec, uri)
+        if is_ray_client(options.address) and (unreachable := _where_tune_runs(_unreachable, uri)):
+            raise UserError(
+                f"{unreachable} from the cluster's head node, where --address ray://… runs the study"
+            )
         experiment_id = (
             experiment.result() if experiment else ensure_experiment(uri, spec.name, output / "artifacts")
         )
@@ -197,11 +291,9 @@ def _run(
     from sbn_study.tracking import StudyTracker
     from sbn_study.trainable import run_trial
 
-    # Tune's CSV/JSON/TensorBoard loggers would write every feature statistic of every result a second
-    # time; MLflow is the record. Tune's own warnings about those missing files and about checkpointing every
-    # epoch (which we do on purpose, so a restarted trial loses at most one epoch) would bury the live table.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    for key, value in _TUNE_ENV.items():
+        os.environ.setdefault(key, value)
+    # Tune's warnings about the missing logger files would bury the live table as well.
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines on creating a store
     import optuna
@@ -303,9 +395,7 @@ def _drop_forgotten_trials(tracker: Any, tune_path: str) -> None:
     keeping their runs would leave the study with more runs than trials. (MLflow deletes softly: the runs
     stay recoverable from the store's deleted runs.)
     """
-    from ray.tune import ExperimentAnalysis
-
-    known = {trial.trial_id for trial in ExperimentAnalysis(tune_path).trials}
+    known = _where_tune_runs(_saved_trial_ids, tune_path)
     forgotten = [run for run in _trial_runs(tracker) if run.data.tags.get("sbn.trial_id") not in known]
     for run in forgotten:
         tracker.client.delete_run(run.info.run_id)
@@ -313,6 +403,12 @@ def _drop_forgotten_trials(tracker: Any, tune_path: str) -> None:
         print(
             f"sbn-study: {len(forgotten)} trial(s) started after the last saved state will be sampled again"
         )
+
+
+def _saved_trial_ids(tune_path: str) -> set[str]:
+    from ray.tune import ExperimentAnalysis
+
+    return {trial.trial_id for trial in ExperimentAnalysis(tune_path).trials}
 
 
 def _close_open_runs(tracker: Any) -> None:

@@ -199,6 +199,8 @@ class RayCluster:
         # is too deep for that.
         self.temp_root = Path(tempfile.mkdtemp(prefix="sbn-ray-"))
         self.port = free_port()
+        # Its own Ray Client server port: the default 10001 would clash between clusters on one machine.
+        self.client_port = free_port()
         self.head: RayNode | None = None
         self.workers: list[RayNode] = []
         self.env = cluster_env(secrets.token_hex(32))
@@ -206,6 +208,10 @@ class RayCluster:
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def client_address(self) -> str:
+        return f"ray://{HOST}:{self.client_port}"
 
     def _start(self, name: str, args: list[str], timeout_s: float) -> RayNode:
         temp_dir = self.temp_root / name
@@ -247,6 +253,7 @@ class RayCluster:
             [
                 "--head",
                 f"--port={self.port}",
+                f"--ray-client-server-port={self.client_port}",
                 "--include-dashboard=false",
                 f"--dashboard-port={free_port()}",
             ],

@@ -1,9 +1,10 @@
 """A study on a real 2-node Ray cluster tracked on a real `mlflow server`; a node and the server go away.
 
 Both nodes run on this machine (`ray start` subprocesses with their own temp dirs and ports, token
-authentication on) and `sbn-study run` runs as a subprocess that joins them with --address, exactly as on
-a real cluster; the test process itself never joins a cluster (the session Ray of the other tests stays
-untouched) and reads the results back over HTTP with MlflowClient. See tests/servers.py.
+authentication on) and `sbn-study run` runs as a subprocess that joins them with --address (HOST:PORT, or
+ray:// through the head's Ray Client server), exactly as on a real cluster; the test process itself never
+joins a cluster (the session Ray of the other tests stays untouched) and reads the results back over HTTP
+with MlflowClient. See tests/servers.py.
 """
 
 from __future__ import annotations
@@ -169,6 +170,40 @@ def test_two_nodes_run_one_study_tracked_on_an_mlflow_server(tmp_path: Path) -> 
         runs = assert_one_ended_run_per_trial(server.uri, "cluster-e2e", trials=4, epochs=2)
         # Each node has 1 CPU and a trial takes 1: the two concurrent trials ran on different nodes.
         assert {r.data.tags["sbn.node"] for r in runs} == {n["node_id"] for n in nodes}
+
+        # The same study through Ray Client: Tune's loop runs on the head, which cannot write to this machine's
+        # sqlite store or default storage; both are refused before anything starts.
+        client_output = tmp_path / "client-out"
+        for name, extra, error in [
+            ("client-sqlite", [], "error: tracking.uri: --address ray://"),
+            ("client-storage", ["--tracking-uri", server.uri], "error: storage: --address ray://"),
+        ]:
+            command = driver_command(client_output, name, [], "--address", cluster.client_address, *extra)
+            refused = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=60)
+            assert refused.returncode == 2, refused.stderr[-3000:]
+            assert error in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        storage = tmp_path / "client-storage"
+        command = driver_command(
+            client_output,
+            "client-e2e",
+            [*overrides, f"storage={storage}"],
+            "--address",
+            cluster.client_address,
+            "--tracking-uri",
+            server.uri,
+        )
+        log = tmp_path / "client-driver.log"
+        code, output = wait_driver(start_driver(command, cluster.env, log), log, timeout_s=150)
+        assert code == 0, output[-4000:]
+        assert "study 'client-e2e' finished" in output
+        # The live table printed on the head reaches this terminal.
+        assert "4 trials: " in output, output[-4000:]
+        runs = assert_one_ended_run_per_trial(server.uri, "client-e2e", trials=4, epochs=2)
+        assert {r.data.tags["sbn.node"] for r in runs} == {n["node_id"] for n in nodes}
+        assert all("val_loss" in r.data.metrics and "train_loss" in r.data.metrics for r in runs)
+        assert list(storage.glob("client-e2e-*/experiment_state-*.json"))
+        # Tune's settings reached the head: its CSV/JSON loggers stayed off.
+        assert not list(storage.rglob("progress.csv"))
     finally:
         cluster.shutdown()
         server.stop()
@@ -214,6 +249,55 @@ def test_a_node_leaves_and_its_trial_moves_on_from_its_checkpoint(tmp_path: Path
         assert state["num_failures"] >= 1, state["num_failures"]
         last = state["last_result"]
         assert last["iterations_since_restore"] < last["training_iteration"], last
+    finally:
+        if driver is not None:
+            kill_tree(driver)
+        cluster.shutdown()
+        server.stop()
+
+
+def test_ray_client_study_stopped_with_ctrl_c_resumes_on_the_cluster(tmp_path: Path) -> None:
+    server, cluster = start_servers(tmp_path)
+    driver = None
+    try:
+        # One trial per node, each stopped midway and continued by --resume.
+        overrides = [
+            "search.num_samples=2",
+            "train.epochs=3",
+            "search.scheduler.type=none",
+            "resources.cpu=1",
+            f"storage={tmp_path / 'storage'}",
+        ]
+        command = driver_command(
+            tmp_path / "out",
+            "client-resume",
+            overrides,
+            "--address",
+            cluster.client_address,
+            "--tracking-uri",
+            server.uri,
+        )
+        log = tmp_path / "driver.log"
+        driver = start_driver(command, cluster.env, log)
+
+        def a_result() -> bool:
+            return any("val_acc" in r.data.metrics for r in trial_runs(server.uri, "client-resume"))
+
+        wait_for(a_result, 120, "a first trial result", driver, log)
+        # Ctrl-C reaches only this machine; ending the Ray Client session ends Tune's loop on the head.
+        driver.send_signal(signal.SIGINT)
+        code, output = wait_driver(driver, log, timeout_s=60)
+        assert code == 130, output[-4000:]
+        assert "study 'client-resume' interrupted" in output
+
+        # Tune restores on the head, from the storage only the cluster is meant to read.
+        log = tmp_path / "resume.log"
+        driver = start_driver([*command, "--resume"], cluster.env, log)
+        code, output = wait_driver(driver, log, timeout_s=150)
+        assert code == 0, output[-4000:]
+        assert "study 'client-resume' finished: 2 completed" in output
+        assert "Traceback" not in output
+        assert_one_ended_run_per_trial(server.uri, "client-resume", trials=2, epochs=3)
     finally:
         if driver is not None:
             kill_tree(driver)
