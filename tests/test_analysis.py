@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,22 +19,42 @@ from tests.conftest import FinishedStudy
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s")
 
 
-def copy_with_new_execution(study: FinishedStudy, folder: Path, trial_statuses: list[str]) -> str:
+def copy_with_new_execution(
+    study: FinishedStudy,
+    folder: Path,
+    trial_statuses: list[str],
+    val_acc: Sequence[Sequence[float]] | None = None,
+) -> str:
     """A copy of the small study's store with one more, later execution whose trials (no training, made by
-    hand) ended with `trial_statuses`; returns its tracking URI. The shared store stays untouched."""
+    hand) ended with `trial_statuses`, with the per-epoch `val_acc` given for each (default: 0.5 at epoch 1);
+    returns its tracking URI. The shared store stays untouched.
+
+    Each made trial carries the params and `config.yaml` of one real trial of the study, as the tracker
+    logged them, so that `export` can write it out like any other trial."""
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     shutil.copy(study.output / "mlflow.db", folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(study.spec.name).experiment_id
+    real = client.search_runs(
+        [experiment_id], f"tags.`mlflow.parentRunId` = '{study.outcome.parent_run_id}'", max_results=1
+    )[0]
+    params = [Param(key, value) for key, value in real.data.params.items()]
+    with tempfile.TemporaryDirectory() as download:  # not into `folder`, where callers look for exports
+        config_yaml = Path(client.download_artifacts(real.info.run_id, "config.yaml", download)).read_text()
     tags = {"sbn.study": study.spec.name, "sbn.kind": "study"}
     parent = client.create_run(experiment_id, run_name="later-execution", tags=tags).info.run_id
     client.log_text(parent, yaml.safe_dump(study.spec.model_dump(mode="json")), "resolved.yaml")
     for i, status in enumerate(trial_statuses):
         trial_tags = {"mlflow.parentRunId": parent, "sbn.trial_id": f"made{i}", "sbn.status": status}
         run = client.create_run(experiment_id, tags=trial_tags).info.run_id
-        client.log_metric(run, "val_acc", 0.5, step=1)
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run, params=params[start : start + 100])
+        client.log_text(run, config_yaml, "config.yaml")
+        for epoch, value in enumerate(val_acc[i] if val_acc else [0.5], start=1):
+            client.log_metric(run, "val_acc", value, step=epoch)
         client.set_terminated(run)
     client.set_terminated(parent)
     return uri

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -16,6 +18,7 @@ from sbn_study.export import Provenance
 from sbn_study.final import SeedResult, summarize
 from tests.conftest import FinishedStudy
 from tests.test_analysis import copy_with_new_execution
+from tests.test_train import tiny_config
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -80,6 +83,68 @@ def test_paired_difference_is_a_student_t_interval_over_shared_seeds() -> None:
     assert math.isclose(diff.low, statistics.fmean(d) - half) and math.isclose(
         diff.high, statistics.fmean(d) + half
     )
+
+
+def test_a_seed_tests_the_weights_of_its_best_validation_epoch_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    import torch
+
+    from sbn_study import train as training
+    from sbn_study.data import DeviceLoader, load_dataset
+    from sbn_study.final import _train_seed
+    from sbn_study.models import create_model_from_config
+
+    config = tiny_config(epochs=3)
+    config.features.enabled = False
+    config.data.synthetic.train_size = 640  # 384 training images after the validation hold-out: enough here
+    dataset = load_dataset(config.data)
+    val_images, test_images = dataset.val.labels.numel(), dataset.test.labels.numel()
+    assert val_images != test_images  # how the spy below tells a validation pass from the test pass
+    real_evaluate = training.evaluate
+    # Validation accuracies scripted to peak at epoch 2 of 3, so that the weights tested (epoch 2's) differ
+    # from the last ones: a seed that tested its last weights, or the wrong epoch's, fails here.
+    scripted = iter([0.3, 0.7, 0.5])
+    validated: list[dict[str, torch.Tensor]] = []  # the weights at each validation pass, i.e. each epoch
+    tested: list[dict[str, torch.Tensor]] = []
+
+    def evaluate(model: torch.nn.Module, loader: DeviceLoader, *, amp: bool = False) -> tuple[float, float]:
+        weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        if loader.num_images == val_images:
+            validated.append(weights)
+            return real_evaluate(model, loader, amp=amp)[0], next(scripted)
+        tested.append(weights)
+        return real_evaluate(model, loader, amp=amp)
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    # The task asks Ray for its node id; this test runs it in-process, without Ray.
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-0"))
+    out: dict[str, Any] = _train_seed(config, dataset)
+
+    assert [m["val_acc"] for m in out["history"]] == [0.3, 0.7, 0.5]
+    assert (out["status"], out["epochs_run"], out["best_epoch"], out["best_val_acc"]) == (
+        "completed",
+        3,
+        2,
+        0.7,
+    )
+    assert len(validated) == 3 and len(tested) == 1  # the test split is evaluated once
+    (weights,) = tested
+    assert all(torch.equal(weights[name], validated[1][name]) for name in weights)
+    assert not all(torch.equal(weights[name], validated[2][name]) for name in weights)
+    # test_acc/test_loss are those of epoch 2's weights, re-evaluated here on a fresh model.
+    model = create_model_from_config(config.model, config.norm, dataset.num_classes)
+    model.load_state_dict(validated[1])
+    test = DeviceLoader(
+        dataset.test,
+        config.train.eval_batch_size,
+        device=torch.device("cpu"),
+        train=False,
+        augment=False,
+        mean=dataset.mean,
+        std=dataset.std,
+    )
+    test_loss, test_acc = real_evaluate(model, test)
+    assert out["test_acc"] == test_acc and math.isclose(out["test_loss"], test_loss, rel_tol=1e-6)
 
 
 # --- on the small study --------------------------------------------------------------------------------
@@ -170,6 +235,41 @@ def test_export_writes_top_k_configs_that_validate_and_carry_provenance(
 
 
 @pytest.mark.slow
+def test_export_flags_a_best_trial_that_the_scheduler_stopped_early(
+    small_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Whether ASHA leaves a stopped-early trial on top of the shared study is up to chance, so this execution
+    # is made by hand (a real trial's configuration, chosen values): a trial stopped after 1 of the 3 epochs
+    # has the best val_acc, ahead of one that completed.
+    uri = copy_with_new_execution(
+        small_study, tmp_path, ["completed", "stopped_early"], val_acc=[[0.4, 0.6, 0.5], [0.9]]
+    )
+    out_dir = tmp_path / "exports"
+    code, out, err = run_cli(
+        capsys, "export", "e2e-small", "--tracking-uri", uri, "--top-k", "2", "-o", str(out_dir)
+    )
+    assert code == 0, err
+    stopped, completed = out_dir / "e2e-small-top1-made1.yaml", out_dir / "e2e-small-top2-made0.yaml"
+    assert sorted(out_dir.glob("*.yaml")) == [stopped, completed]
+    fields = ("trial_id", "status", "rank", "value", "epoch", "epochs_run", "budget", "full_budget")
+    provenance = [yaml.safe_load(path.read_text())["provenance"] for path in (stopped, completed)]
+    assert [tuple(p[f] for f in fields) for p in provenance] == [
+        ("made1", "stopped_early", 1, 0.9, 1, 1, 3, False),
+        ("made0", "completed", 2, 0.6, 2, 3, 3, True),
+    ]
+    warning = (
+        "trial made1 was stopped by the scheduler after 1 of 3 epochs: its val_acc is not a full-budget "
+        "result (full_budget: false)"
+    )
+    # Said on stderr, in the file's header, and again by `validate` on the file; never for the completed one.
+    assert err == f"warning: {stopped.name}: {warning}\n"
+    assert f"# Warning: {warning}\n" in stopped.read_text() and "Warning" not in completed.read_text()
+    assert f"wrote {stopped}: rank 1, trial made1 (stopped_early), best val_acc 0.9 at epoch 1 of 3" in out
+    assert run_cli(capsys, "validate", str(stopped))[::2] == (0, f"warning: {warning}\n")
+    assert run_cli(capsys, "validate", str(completed))[::2] == (0, "")
+
+
+@pytest.mark.slow
 def test_export_refuses_a_missing_study_or_one_without_completed_trials(
     small_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -197,23 +297,20 @@ def test_train_runs_seeds_and_baseline_on_ray_and_reports_the_paired_difference(
     from scipy import stats
 
     uri = small_study.tracking_uri
-    assert (
-        run_cli(capsys, "export", "e2e-small", "--tracking-uri", uri, "--top-k", "6", "-o", str(tmp_path))[0]
-        == 0
+    export = run_cli(
+        capsys, "export", "e2e-small", "--tracking-uri", uri, "--top-k", "1", "-o", str(tmp_path)
     )
-    # The best trial with a norm placed somewhere: without one the configuration is the baseline itself.
-    exported = [(path, yaml.safe_load(path.read_text())) for path in sorted(tmp_path.glob("*.yaml"))]
-    placed = [(path, document) for path, document in exported if document["norm"]["placement"] != "none"]
-    if not placed:
-        pytest.skip("the sampler chose placement none for every trial")
-    config_path, source = placed[0]
-    if placed[0] != exported[0]:
-        assert run_cli(capsys, "train", str(exported[0][0]), "--baseline") == (
-            2,
-            "",
-            "error: --baseline: this configuration has norm.placement none, so it already is the plain-BN "
-            "baseline\n",
-        )
+    assert export[0] == 0
+    (config_path,) = tmp_path.glob("e2e-small-top1-*.yaml")
+    source = yaml.safe_load(config_path.read_text())
+    # Whatever placement the sampler gave the best trial, --set pins it: with placement none the configuration
+    # is the plain-BN baseline itself, which --baseline refuses, and with one it trains against the baseline.
+    assert run_cli(capsys, "train", str(config_path), "--baseline", "--set", "norm.placement=none") == (
+        2,
+        "",
+        "error: --baseline: this configuration has norm.placement none, so it already is the plain-BN "
+        "baseline\n",
+    )
     output = tmp_path / "final"
     code, out, err = run_cli(
         capsys,
@@ -224,6 +321,8 @@ def test_train_runs_seeds_and_baseline_on_ray_and_reports_the_paired_difference(
         "--baseline",
         "--set",
         "train.epochs=2",
+        "--set",
+        "norm.placement=23",
         "--output",
         str(output),
     )
@@ -242,14 +341,16 @@ def test_train_runs_seeds_and_baseline_on_ray_and_reports_the_paired_difference(
         assert tags["sbn.source_run"] == source["provenance"]["run_id"] and tags["sbn.status"] == "completed"
         assert params["train.epochs"] == "2" and params["train.seed"] == tags["sbn.seed"]
         assert {"test_acc", "test_loss", "val_acc", "train_loss"} <= set(run.data.metrics)
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+        val_acc = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
+        assert [m.step for m in val_acc] == [1, 2]
+        # The tested weights are those of the first epoch with the best val_acc, and test_acc is logged there.
+        best = max(val_acc, key=lambda m: (m.value, -m.step))
+        assert tags["sbn.best_epoch"] == str(best.step) and run.data.metrics["best_val_acc"] == best.value
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [best.step]
         if tags["sbn.arm"] == "baseline":
             assert (params["norm.kind"], params["norm.placement"]) == ("bn", "none")
         else:
-            assert (params["norm.kind"], params["norm.placement"]) == (
-                source["norm"]["kind"],
-                source["norm"]["placement"],
-            )
+            assert (params["norm.kind"], params["norm.placement"]) == (source["norm"]["kind"], "23")
 
     lines = out.splitlines()
     for arm in ("config", "baseline"):
