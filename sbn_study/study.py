@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -17,17 +18,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from sbn_study.errors import UserError
 from sbn_study.spec import StudySpec
 from sbn_study.tracking import (
     check_reachable,
+    create_store,
     ensure_experiment,
     is_remote_store,
     redact_uri,
     resolve_tracking_uri,
 )
+
+if TYPE_CHECKING:  # the CLI imports this module: torch only once a study runs
+    from sbn_study.config import DataConfig
+    from sbn_study.data import ImageDataset
 
 T = TypeVar("T")
 
@@ -238,12 +244,12 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
 
     import ray  # before the store's thread starts: MLflow and Ray import modules in common (protobuf)
 
-    experiment = None
+    preparing = None
     if options.address is None:
-        # Importing MLflow (≈ 1 s) and creating a fresh sqlite store through its migrations (≈ 1.5 s) overlap
-        # the embedded Ray's start-up. A cluster may still refuse a local store, so there it waits for the check.
-        experiment = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbn-store").submit(
-            ensure_experiment, uri, spec.name, output / "artifacts"
+        # The store and the dataset are made ready while the embedded Ray starts. A cluster may still refuse a
+        # local store, so there they wait for the cluster check.
+        preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbn-prepare").submit(
+            _prepare, uri, spec.data
         )
     started_ray = start_ray(options)
     try:
@@ -252,9 +258,9 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
             raise UserError(
                 f"{unreachable} from the cluster's head node, where --address ray://… runs the study"
             )
-        experiment_id = (
-            experiment.result() if experiment else ensure_experiment(uri, spec.name, output / "artifacts")
-        )
+        dataset = preparing.result() if preparing else _prepare(uri, spec.data)
+        # Only now, with every check passed: a refused study leaves no experiment behind.
+        experiment_id = ensure_experiment(uri, spec.name, output / "artifacts")
         return _run(
             spec,
             spec_text,
@@ -262,6 +268,7 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
             output,
             uri,
             experiment_id,
+            dataset,
             state_file,
             state if options.resume else None,
         )
@@ -272,6 +279,15 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
             ray.shutdown()
 
 
+def _prepare(uri: str, data: DataConfig) -> ImageDataset:
+    """The tracking store opened (MLflow's import and a fresh sqlite store's migrations: ≈ 2.5 s) and the
+    dataset loaded: what the driver needs besides Ray. Raises UserError for a dataset that cannot be had."""
+    from sbn_study.data import load_dataset
+
+    create_store(uri)
+    return load_dataset(data)
+
+
 def _run(
     spec: StudySpec,
     spec_text: str,
@@ -279,14 +295,13 @@ def _run(
     output: Path,
     uri: str,
     experiment_id: str,
+    dataset: ImageDataset,
     state_file: Path,
     state: dict[str, Any] | None,
 ) -> StudyOutcome:
     import ray.tune as tune
-    import yaml
 
     from sbn_study.callbacks import ProgressTable, TrackingCallback
-    from sbn_study.data import load_dataset
     from sbn_study.search import StudySearch, make_scheduler
     from sbn_study.tracking import StudyTracker
     from sbn_study.trainable import run_trial
@@ -299,7 +314,6 @@ def _run(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per sampled trial otherwise
-    dataset = load_dataset(spec.data)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, dataset=dataset),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
@@ -309,12 +323,7 @@ def _run(
     if state is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         tracker = StudyTracker.start(uri, experiment_id, spec.name, f"{spec.name}-{stamp}", unsent)
-        tracker.log_study_artifacts(
-            {
-                "spec.yaml": spec_text,
-                "resolved.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
-            }
-        )
+        tracker.log_study_artifacts(study_artifacts(spec, spec_text))
         storage = spec.storage or str(output / "ray")
         state = {
             "status": "running",
@@ -324,7 +333,21 @@ def _run(
             "tracking_uri": redact_uri(uri),
         }
         _write_state(state_file, state)
-        tracking = TrackingCallback(spec, uri, experiment_id, tracker.parent_run_id, unsent)
+        saved = None
+    else:
+        tracker = StudyTracker.start(
+            uri, state["experiment_id"], spec.name, "", unsent, parent_run_id=state["parent_run_id"]
+        )
+        state["status"] = "running"
+        _write_state(state_file, state)
+        saved = _where_tune_runs(_saved_trial_ids, state["tune_path"])
+        # Runs of trials that Tune's saved state does not know would stay beside the replacements it samples.
+        _drop_forgotten_trials(tracker, saved or set())
+    if saved is None:
+        if options.resume:
+            print("sbn-study: the study stopped before Tune saved its first state; it starts over")
+        storage, name = state["tune_path"].rstrip("/").rsplit("/", 1)
+        tracking = TrackingCallback(spec, uri, state["experiment_id"], tracker.parent_run_id, unsent)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -336,7 +359,7 @@ def _run(
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
-                name=Path(state["tune_path"]).name,
+                name=name,
                 storage_path=storage,
                 callbacks=[tracking, ProgressTable(spec, options.progress_interval_s)],
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
@@ -345,12 +368,6 @@ def _run(
             ),
         )
     else:
-        tracker = StudyTracker.start(
-            uri, state["experiment_id"], spec.name, "", unsent, parent_run_id=state["parent_run_id"]
-        )
-        state["status"] = "running"
-        _write_state(state_file, state)
-        _drop_forgotten_trials(tracker, state["tune_path"])
         tuner = tune.Tuner.restore(state["tune_path"], trainable, resume_unfinished=True, resume_errored=True)
 
     # Tune turns the first Ctrl-C into a graceful, checkpointed stop; a second one lands here.
@@ -361,7 +378,7 @@ def _run(
     interrupted = results is None or results.num_terminated + results.num_errors < spec.search.num_samples
     try:
         _close_open_runs(tracker)
-        trial_statuses, best = _trial_statuses(tracker), _best_trial(tracker, spec)
+        trial_statuses, best = _trial_statuses(tracker), _best_trial(uri, spec, state["parent_run_id"])
     except Exception as exc:  # the tracking server is still away: the writes below are kept, not lost
         print(
             f"sbn-study: cannot read the study back from MLflow ({type(exc).__name__}); its writes are kept"
@@ -388,16 +405,18 @@ def _run(
     )
 
 
-def _drop_forgotten_trials(tracker: Any, tune_path: str) -> None:
-    """Deletes the runs of trials that a killed driver started after Tune's last saved experiment state.
+def _drop_forgotten_trials(tracker: Any, known: set[str]) -> None:
+    """Ends and deletes the runs of trials that a killed driver started after Tune's last saved state.
 
     Tune and the sampler resume from that state, which does not know those trials, and sample replacements:
     keeping their runs would leave the study with more runs than trials. (MLflow deletes softly: the runs
-    stay recoverable from the store's deleted runs.)
+    stay recoverable from the store's deleted runs, ended as killed rather than running forever.)
     """
-    known = _where_tune_runs(_saved_trial_ids, tune_path)
     forgotten = [run for run in _trial_runs(tracker) if run.data.tags.get("sbn.trial_id") not in known]
     for run in forgotten:
+        if run.info.status == "RUNNING":
+            tracker.client.set_tag(run.info.run_id, "sbn.status", "killed")
+            tracker.client.set_terminated(run.info.run_id, status="KILLED")
         tracker.client.delete_run(run.info.run_id)
     if forgotten:
         print(
@@ -405,10 +424,21 @@ def _drop_forgotten_trials(tracker: Any, tune_path: str) -> None:
         )
 
 
-def _saved_trial_ids(tune_path: str) -> set[str]:
-    from ray.tune import ExperimentAnalysis
+def _saved_trial_ids(tune_path: str) -> set[str] | None:
+    """The trials in Tune's saved experiment state, or None when Tune saved none (killed before its first)."""
+    from ray import tune
 
-    return {trial.trial_id for trial in ExperimentAnalysis(tune_path).trials}
+    if not tune.Tuner.can_restore(tune_path):
+        return None
+    return {trial.trial_id for trial in tune.ExperimentAnalysis(tune_path).trials}
+
+
+def study_artifacts(spec: StudySpec, spec_text: str) -> dict[str, str]:
+    """The spec as written and as resolved, for the study's parent run, without any credentials in URIs."""
+    import yaml
+
+    resolved = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    return {"spec.yaml": redact_uri(spec_text), "resolved.yaml": redact_uri(resolved)}
 
 
 def _close_open_runs(tracker: Any) -> None:
@@ -436,18 +466,30 @@ def _trial_statuses(tracker: Any) -> dict[str, str]:
     }
 
 
-def _best_trial(tracker: Any, spec: StudySpec) -> dict[str, Any] | None:
-    metric, mode = spec.search.metrics[0], spec.search.modes[0]
-    scored = [run for run in _trial_runs(tracker) if metric in run.data.metrics]
-    if not scored:
+def _best_trial(uri: str, spec: StudySpec, parent_run_id: str) -> dict[str, Any] | None:
+    """The trial `sbn-study export` ranks first: the best value of the metric over its epochs, among the
+    trials that completed or were stopped early."""
+    from sbn_study.analysis import RANKED_STATUSES, best_trials, trials
+
+    table = trials(uri, spec.name, execution=parent_run_id)
+    score = f"best_{table.attrs['metric']}"
+    if score not in table:
         return None
-    best = (max if mode == "max" else min)(scored, key=lambda run: run.data.metrics[metric])
-    searched = best.data.tags.get("sbn.searched", "")
+    ranked = best_trials(table[table["status"].isin(RANKED_STATUSES)], score, k=1)
+    if ranked.empty:
+        return None
+    best = ranked.iloc[0]
     return {
-        "trial_id": best.data.tags.get("sbn.trial_id"),
-        "run_id": best.info.run_id,
-        "metric": metric,
-        "value": best.data.metrics[metric],
-        "status": best.data.tags.get("sbn.status"),
-        "params": {k: best.data.params.get(k) for k in searched.split(",") if k},
+        "trial_id": best["trial_id"],
+        "run_id": best["run_id"],
+        "metric": table.attrs["metric"],
+        "value": float(best[score]),
+        "epoch": int(best["best_epoch"]),
+        "status": best["status"],
+        "params": {k: best[k] for k in table.attrs["searched"] if k in best and not _missing(best[k])},
     }
+
+
+def _missing(value: Any) -> bool:
+    # A conditional parameter this trial did not sample is NaN in its row.
+    return isinstance(value, float) and math.isnan(value)

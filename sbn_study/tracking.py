@@ -113,6 +113,11 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def create_store(uri: str) -> None:
+    """Opens the store, creating a fresh sqlite one (MLflow's migrations) in the driver before any trial."""
+    _client(uri).search_experiments(max_results=1)
+
+
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     """Creates the store and the study's experiment (in the driver, before any trial exists) and returns its id."""
     client = _client(uri)

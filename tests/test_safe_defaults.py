@@ -81,3 +81,20 @@ def test_embedded_ray_starts_without_a_dashboard(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     assert start_ray(RunOptions(output=tmp_path, num_cpus=2))
     assert calls and calls[0]["include_dashboard"] is False
+
+
+def test_credentials_in_the_spec_never_reach_the_studys_artifacts() -> None:
+    from sbn_study.spec import load_spec
+    from sbn_study.study import study_artifacts
+    from tests.conftest import QUICKSTART
+
+    secret = "https://alice:s3cret@mlflow.example.com"
+    text = (
+        QUICKSTART.read_text() + f"\ntracking: {{uri: '{secret}'}}\nstorage: s3://KEY:TOPSECRET@bucket/sbn\n"
+    )
+    spec = load_spec(QUICKSTART, [f"tracking.uri={secret}", "storage=s3://KEY:TOPSECRET@bucket/sbn"])
+    artifacts = study_artifacts(spec, text)
+    assert set(artifacts) == {"spec.yaml", "resolved.yaml"}
+    for name, content in artifacts.items():
+        assert "s3cret" not in content and "TOPSECRET" not in content, name
+        assert "https://mlflow.example.com" in content and "s3://bucket/sbn" in content, name
