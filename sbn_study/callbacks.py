@@ -15,7 +15,7 @@ from ray.tune import Callback
 
 from sbn_study.config import flatten
 from sbn_study.spec import StudySpec
-from sbn_study.tracking import INITIAL_FEATURES_KEY, StudyTracker, result_metrics
+from sbn_study.tracking import INITIAL_FEATURES_KEY, REPLAY_KEY, StudyTracker, result_metrics
 
 
 def trial_status(result: dict[str, Any], max_budget: int) -> str:
@@ -71,24 +71,29 @@ class TrackingCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._ensure_run(trial)
-        tracker = self.tracker
-        step = int(result["epoch"])
-        if step <= self._last_step[trial.trial_id]:
-            return
-        self._last_step[trial.trial_id] = step
-        if INITIAL_FEATURES_KEY in result:
-            tracker.log_metrics(trial.trial_id, result[INITIAL_FEATURES_KEY], step=0)
-        metrics = result_metrics(result)
-        if result.get("diverged"):
-            # The worst-value stand-ins told to the sampler are not measurements.
-            metrics = {k: v for k, v in metrics.items() if k not in self.spec.search.metrics}
-        tracker.log_metrics(trial.trial_id, metrics, step=step)
+        for past in result.get(REPLAY_KEY, ()):
+            self._log_epoch(trial.trial_id, past)
+        self._log_epoch(trial.trial_id, result)
         if trial.trial_id not in self._node_tagged and "node_id" in result:
-            tracker.set_tags(
+            self.tracker.set_tags(
                 trial.trial_id,
                 {"sbn.node": str(result["node_id"]), "sbn.host": str(result.get("hostname", ""))},
             )
             self._node_tagged.add(trial.trial_id)
+
+    def _log_epoch(self, trial_id: str, result: dict) -> None:
+        """Logs one epoch's result (epoch 0: the statistics at initialization) unless the run has it already."""
+        step = int(result["epoch"])
+        if step <= self._last_step[trial_id]:
+            return
+        self._last_step[trial_id] = step
+        if INITIAL_FEATURES_KEY in result:
+            self.tracker.log_metrics(trial_id, result[INITIAL_FEATURES_KEY], step=0)
+        metrics = result_metrics(result)
+        if result.get("diverged"):
+            # The worst-value stand-ins told to the sampler are not measurements.
+            metrics = {k: v for k, v in metrics.items() if k not in self.spec.search.metrics}
+        self.tracker.log_metrics(trial_id, metrics, step=step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.tracker.finish_trial(trial.trial_id, trial_status(trial.last_result, self.spec.max_budget))

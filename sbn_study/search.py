@@ -124,6 +124,7 @@ class StudySearch(OptunaSearch):
     def __init__(self, spec: StudySpec) -> None:
         self.objectives = spec.search.metrics
         self.max_budget = spec.max_budget
+        self._reported_steps: dict[str, int] = {}  # trial id → last epoch told to its Optuna trial
         single = len(self.objectives) == 1
         super().__init__(
             space=SearchSpace(spec),
@@ -133,16 +134,26 @@ class StudySearch(OptunaSearch):
         )
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        # Optuna keeps intermediate values for single-objective studies only.
-        if len(self.objectives) > 1 or trial_id in self._completed_trials or self.objectives[0] not in result:
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        """Tells the Optuna trial its value at step = epoch, once per epoch (single objective only: Optuna
+        keeps intermediate values for those alone)."""
+        if len(self.objectives) > 1 or self.objectives[0] not in result or trial_id not in self._ot_trials:
             return
-        value = result[self.objectives[0]]
-        if math.isfinite(value):
-            self._ot_trials[trial_id].report(value, int(result["epoch"]))
+        value, step = result[self.objectives[0]], int(result["epoch"])
+        if math.isfinite(value) and step > self._reported_steps.get(trial_id, -1):
+            self._ot_trials[trial_id].report(value, step)
+            self._reported_steps[trial_id] = step
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        # Tune hands the result a scheduler stopped the trial on to this method alone, not to
+        # on_trial_result: without it a trial stopped at its first rung would reach Optuna with no value.
+        if result and not error:
+            self._report(trial_id, result)
         ot_trial = self._ot_trials[trial_id]
         values = [result.get(m) for m in self.objectives] if result else [None]
         if error or any(v is None for v in values):

@@ -32,6 +32,10 @@ FEATURE_PREFIX = "fm/"
 # Feature statistics of the untrained network travel inside the first epoch's result under this key and are
 # logged at step 0 (Tune requires the searched metric in every result, so epoch 0 cannot be its own result).
 INITIAL_FEATURES_KEY = "fm_init"
+# The first result of a trial resumed from a checkpoint carries, under this key, every epoch the checkpoint
+# holds: writes still queued when a driver was killed would otherwise be lost for good, since the trial does
+# not train those epochs again. The driver logs those the trial's run does not have yet.
+REPLAY_KEY = "replay"
 
 
 # The run id of a trial run whose opening is still buffered; its writes are sent under the real id later.

@@ -168,6 +168,7 @@ def train(
         start_epoch = resume["epoch"]
         result.best_val_acc, result.best_epoch = resume["best_val_acc"], resume["best_epoch"]
         result.epochs_run = start_epoch
+        result.history = list(resume["history"])
 
     def features_due(epoch: int) -> bool:
         return probe is not None and epoch % config.features.interval == 0
@@ -234,6 +235,8 @@ def train(
                 "cuda_rng": torch.cuda.get_rng_state(device) if on_cuda else None,
                 "best_val_acc": result.best_val_acc,
                 "best_epoch": result.best_epoch,
+                # What was reported so far (a few KB per epoch): a resumed trial can send it again.
+                "history": list(result.history),
             }
 
         if report is not None:

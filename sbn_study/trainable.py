@@ -1,7 +1,8 @@
 """The Ray Tune function trainable: one trial = `train()` on the trial's resolved configuration.
 
 The dataset arrives through Ray's object store (`tune.with_parameters`), loaded once by the driver. Every
-epoch is one `tune.report` with a checkpoint, so a restarted trial resumes from its last finished epoch.
+epoch is one `tune.report` with a checkpoint, so a restarted trial resumes from its last finished epoch; its
+first report then carries the epochs the checkpoint holds (`REPLAY_KEY`) for the driver to log any it lacks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from sbn_study.data import ImageDataset
 from sbn_study.spec import StudySpec
-from sbn_study.tracking import FEATURE_PREFIX, INITIAL_FEATURES_KEY
+from sbn_study.tracking import FEATURE_PREFIX, INITIAL_FEATURES_KEY, REPLAY_KEY
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -41,6 +42,7 @@ def run_trial(sampled: dict[str, Any], *, spec: StudySpec, dataset: ImageDataset
             resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     node_id = ray.get_runtime_context().get_node_id()
     initial_features: dict[str, float] = {}
+    replay = list(resume["history"]) if resume is not None else []
 
     def report(metrics: dict[str, float], make_checkpoint: Any) -> None:
         if make_checkpoint is None:
@@ -50,6 +52,9 @@ def run_trial(sampled: dict[str, Any], *, spec: StudySpec, dataset: ImageDataset
         if initial_features:
             result[INITIAL_FEATURES_KEY] = dict(initial_features)
             initial_features.clear()
+        if replay:
+            result[REPLAY_KEY] = replay.copy()
+            replay.clear()
         if metrics.get("diverged"):
             result.update(worst_values(spec))
         with tempfile.TemporaryDirectory() as folder:

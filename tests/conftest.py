@@ -83,3 +83,42 @@ def small_study(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> 
     """A finished 6-trial study through real Ray Tune, Optuna (TPE), ASHA and MLflow (sqlite)."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     return run_small_study(tmp_path_factory.mktemp("small-study"))
+
+
+@dataclass(frozen=True)
+class TuneTrial:
+    """One trial as Tune saved it in its experiment state: what a resumed Tune starts from."""
+
+    status: str  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
+    config: dict[str, Any]  # the sampled parameters
+    runtime: dict[str, Any]  # num_failures, last_result (training_iteration, iterations_since_restore, ...)
+
+    @property
+    def iteration(self) -> int:
+        """Epochs reported so far; each report carries a checkpoint, so also the epoch of the latest one."""
+        return int(self.runtime["last_result"].get("training_iteration", 0))
+
+
+def tune_trials(output: Path) -> dict[str, TuneTrial]:
+    """Every trial of the study in `output`, from Tune's newest experiment state file ({} before the first).
+
+    Tune rewrites the file in place: read while it is being written, this raises json.JSONDecodeError.
+    """
+    import json
+
+    files = sorted((output / "ray").glob("*/experiment_state-*.json"))
+    if not files:
+        return {}
+    trials = {}
+    for trial_json, runtime_json in json.loads(files[-1].read_text())["trial_data"]:
+        trial = json.loads(trial_json)
+        trials[trial["trial_id"]] = TuneTrial(trial["status"], trial["config"], json.loads(runtime_json))
+    return trials
+
+
+def tune_trial_state(output: Path, trial_id: str) -> dict[str, Any]:
+    """Tune's saved runtime state of one trial (failures, last result), read from its experiment state file."""
+    trials = tune_trials(output)
+    if trial_id not in trials:
+        raise AssertionError(f"trial {trial_id} is not in Tune's experiment state under {output / 'ray'}")
+    return trials[trial_id].runtime

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_command
+from tests.conftest import run_command, tune_trial_state
 from tests.servers import MlflowServer, RayCluster, cluster_env, kill_tree, mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -106,15 +106,6 @@ def assert_one_ended_run_per_trial(uri: str, experiment: str, trials: int, epoch
         if epochs is not None and run.data.tags["sbn.status"] == "completed":
             assert steps == list(range(1, epochs + 1)), (trial, steps)
     return runs
-
-
-def tune_trial_state(output: Path, trial_id: str) -> dict:
-    """Tune's saved runtime state of one trial (failures, last result), read from its experiment state file."""
-    (state_file,) = sorted((output / "ray").glob("*/experiment_state-*.json"))[-1:]
-    for trial_json, runtime_json in json.loads(state_file.read_text())["trial_data"]:
-        if json.loads(trial_json)["trial_id"] == trial_id:
-            return json.loads(runtime_json)
-    raise AssertionError(f"trial {trial_id} is not in {state_file}")
 
 
 def start_servers(tmp_path: Path) -> tuple[MlflowServer, RayCluster]:

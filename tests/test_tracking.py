@@ -210,6 +210,44 @@ def test_the_callback_pickles_with_a_live_writer(store: tuple[str, str], tmp_pat
     tracker.close()
 
 
+def test_a_resumed_trial_replays_what_a_killed_driver_never_logged(
+    store: tuple[str, str], tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from sbn_study.callbacks import TrackingCallback
+    from sbn_study.spec import load_spec
+    from tests.conftest import QUICKSTART
+
+    tracker, _ = open_tracker(store, tmp_path)
+    spec = load_spec(QUICKSTART)
+    callback = TrackingCallback(
+        spec, tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path
+    )
+    trial = SimpleNamespace(trial_id="a", config={"train.lr": 0.05})
+    history = [{"epoch": 0.0, "fm/bn1/norm": 9.0}] + [
+        {"epoch": float(e), "val_acc": e / 10, "epoch_time_s": 1.0} for e in (1, 2, 3)
+    ]
+    callback.on_trial_start(0, [], trial)
+    for entry in history[1:3]:  # epoch 0's statistics travel with epoch 1's result
+        result = {**entry, "node_id": "n1"}
+        if entry["epoch"] == 1:
+            result[tracking.INITIAL_FEATURES_KEY] = history[0]
+        callback.on_trial_result(0, [], trial, result)
+    callback.on_experiment_end([])
+    # Epoch 3 was reported and checkpointed, but the driver was killed before its write was sent.
+
+    resumed = pickle.loads(pickle.dumps(callback))
+    resumed.on_trial_start(0, [], trial)
+    replayed = {"epoch": 4.0, "val_acc": 0.4, "epoch_time_s": 1.0, tracking.REPLAY_KEY: history}
+    resumed.on_trial_result(0, [], trial, replayed)
+    resumed.on_experiment_end([])
+
+    assert steps_and_values(resumed.tracker, "a", "val_acc") == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    assert steps_and_values(resumed.tracker, "a", "fm/bn1/norm") == [(0, 9.0)]
+    tracker.close()
+
+
 @pytest.mark.parametrize("uri", ["./mlruns", "/data/mlruns", "file:///data/mlruns", "C:\\mlruns"])
 def test_a_plain_folder_store_is_refused_naming_where_it_came_from(
     uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

@@ -106,6 +106,11 @@ def test_resume_from_checkpoint_continues_exactly(dataset) -> None:
     )
     resumed = train(config, dataset=dataset, resume=checkpoints[0])
     assert resumed.epochs_run == 3
+    # The checkpoint carries what was reported up to it (epoch 0's statistics too), so a resumed trial can
+    # send again whatever a killed driver never logged.
+    assert [m["epoch"] for m in checkpoints[0]["history"]] == [0, 1, 2]
+    assert [m["epoch"] for m in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[:3] == checkpoints[0]["history"]
     assert resumed.history[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"], rel=1e-5)
     assert resumed.history[-1]["val_acc"] == pytest.approx(full.history[-1]["val_acc"], abs=1e-9)
 
