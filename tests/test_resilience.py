@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import threading
@@ -37,15 +38,23 @@ def cli_command(output: Path, *extra: str, overrides: Sequence[str] = ()) -> lis
     return run_command(output, list(overrides), "--num-cpus", "2", *extra)
 
 
-def all_runs(output: Path, name: str = "e2e-small") -> list:
-    """Every MLflow run of the study: the parent run and one per trial."""
+def all_runs(output: Path, name: str = "e2e-small", deleted: bool = False) -> list:
+    """Every MLflow run of the study: the parent run and one per trial (and the deleted ones, if asked)."""
+    from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         return []
-    return client.search_runs([experiment.experiment_id], max_results=1000)
+    view = ViewType.ALL if deleted else ViewType.ACTIVE_ONLY
+    return client.search_runs([experiment.experiment_id], max_results=1000, run_view_type=view)
+
+
+def experiment_exists(output: Path, name: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{output / 'mlflow.db'}").get_experiment_by_name(name) is not None
 
 
 def study_runs(output: Path, name: str = "e2e-small") -> list:
@@ -266,6 +275,29 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path: Path) -> None:
     assert [r.info.status for r in all_runs(tmp_path) if r.info.status == "RUNNING"] == []
 
 
+def test_a_driver_killed_before_tunes_first_save_starts_over_on_resume(tmp_path: Path) -> None:
+    overrides = ["search.num_samples=2", "train.epochs=2", "search.scheduler.type=none"]
+    driver = start_driver(tmp_path, overrides=overrides)
+    try:
+        wait_for(lambda: state_path(tmp_path, "e2e-small").exists(), 180, "the study's state file")
+    finally:
+        kill_group(driver)
+    # Whatever Tune managed to write before the kill, the resume must cope with none of it: a kill can come
+    # before Tune's first save.
+    state = study_state(tmp_path)
+    shutil.rmtree(state["tune_path"], ignore_errors=True)
+
+    resumed = subprocess.run(
+        cli_command(tmp_path, "--resume", overrides=overrides), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "the study stopped before Tune saved its first state; it starts over" in resumed.stdout
+    assert study_state(tmp_path)["parent_run_id"] == state["parent_run_id"]
+    assert study_state(tmp_path)["status"] == "finished"
+    assert_study_complete_once(tmp_path, expected_trials=2)
+    assert not [r for r in all_runs(tmp_path, deleted=True) if r.info.status == "RUNNING"]
+
+
 def is_our_trial_worker(pid: int) -> bool:
     """A Tune trial actor of this test session's Ray (its raylet is our child), never another run's."""
     import psutil
@@ -395,6 +427,11 @@ def test_diverging_trial_is_recorded_as_diverged_and_the_study_goes_on(
             "the largest node has 2 CPUs, 0 GPUs)",
         ),
         (
+            ["--set", "resources.cpu=64"],
+            "error: resources: no node of the cluster has the resources one trial needs (64 CPUs, 0 GPUs; "
+            "the largest node has 2 CPUs, 0 GPUs)",
+        ),
+        (
             ["--tracking-uri", "http://127.0.0.1:9"],
             "error: tracking.uri: cannot reach the MLflow server at http://127.0.0.1:9 ([Errno 111] Connection refused)",
         ),
@@ -415,13 +452,19 @@ def test_bad_input_is_one_line_exit_2_and_nothing_recorded_is_lost(
     args = [arg.format(**fill) for arg in extra]
     if "--output" not in args:
         args += ["--output", str(kept_study)]
-    code = main(["run", str(QUICKSTART), "--set", "name=e2e-kept", *args])
-    captured = capsys.readouterr()
-    assert code == 2
-    assert captured.err.strip() == message.format(**fill)
-    assert "Traceback" not in captured.err + captured.out
+    # Refused for a study the store holds already, and for a new one, which must leave no trace behind.
+    for name in ("e2e-kept", "e2e-refused"):
+        code = main(["run", str(QUICKSTART), "--set", f"name={name}", *args])
+        captured = capsys.readouterr()
+        assert code == 2
+        assert captured.err.strip() == message.format(**fill)
+        assert "Traceback" not in captured.err + captured.out
     runs = study_runs(kept_study, "e2e-kept")
     assert len(runs) == 1 and runs[0].data.tags["sbn.status"] == "completed"
+    assert not experiment_exists(kept_study, "e2e-refused")
+    assert (
+        not list(kept_study.glob("ray/e2e-refused-*")) and not state_path(kept_study, "e2e-refused").exists()
+    )
 
 
 @pytest.fixture(scope="module")
