@@ -10,6 +10,7 @@ The `NormConfig` hyperparameters (eps, momentum, affine, ...) apply only to the 
 - `2bn`: the second BatchNorm (the paper's control arm); the first is a plain one;
 - `gn`: the GroupNorm (eps, affine, groups; it has no running statistics, so no momentum);
 - `bgn`: the Batch Group Norm (eps, momentum, affine, groups);
+- `iebn`: Instance Enhancement BN (eps, momentum, affine), a BN with a per-sample channel gate;
 - `none`: nothing (an identity), so the site has no normalization at all.
 For `gn` and `bgn`, `groups` is clamped to the largest divisor of the site's width that does not exceed it.
 """
@@ -93,6 +94,32 @@ class BatchGroupNorm2d(nn.Module):
         return grouped * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
 
 
+class InstanceEnhancementBatchNorm2d(nn.BatchNorm2d):
+    """Instance Enhancement BN (Liang, Huang, Liang, Yang, AAAI 2020): BN whose per-channel gain each sample
+    rescales by a sigmoid gate of that channel's spatial mean in the input,
+
+        y = BN(x)·γ·σ(a·mean_hw(x) + b) + β,   a = 0 and b = −1 at initialization,
+
+    so that instance information tempers the batch noise BN brings in. BN's statistics and running buffers are
+    BatchNorm2d's own (it is one, without its affine); `affine` keeps or drops γ and β, the gate stays.
+    """
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=False)
+        self.gain = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.shift = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.gate_weight = nn.Parameter(torch.zeros(num_features))
+        self.gate_bias = nn.Parameter(torch.full((num_features,), -1.0))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(input.mean((2, 3)) * self.gate_weight + self.gate_bias)  # N×C
+        scale = gate if self.gain is None else gate * self.gain
+        normalized = super().forward(input) * scale[:, :, None, None]
+        return normalized if self.shift is None else normalized + self.shift[:, None, None]
+
+
 def _bn(num_features: int, cfg: NormConfig) -> nn.Module:
     return nn.BatchNorm2d(num_features, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine)
 
@@ -125,6 +152,10 @@ def _bgn(num_features: int, cfg: NormConfig) -> nn.Module:
     return BatchGroupNorm2d(num_features, groups, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine)
 
 
+def _iebn(num_features: int, cfg: NormConfig) -> nn.Module:
+    return InstanceEnhancementBatchNorm2d(num_features, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine)
+
+
 def _none(num_features: int, cfg: NormConfig) -> nn.Module:
     return nn.Identity()
 
@@ -135,6 +166,7 @@ _REGISTRY: dict[str, NormFactory] = {
     "2bn": _two_bn,
     "gn": _gn,
     "bgn": _bgn,
+    "iebn": _iebn,
     "none": _none,
 }
 

@@ -57,7 +57,7 @@ def test_validate_checks_a_final_config_like_a_spec(
             for key in Provenance.model_fields
             if key != "study"
         ),
-        "error: norm.kind: expected one of 2bn, bgn, bn, gn, none, sbn, got 'foo'",
+        "error: norm.kind: expected one of 2bn, bgn, bn, gn, iebn, none, sbn, got 'foo'",
         "error: norm.placement: stage 4 does not exist in tiny (stages 1-3)",
     ]
 

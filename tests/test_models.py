@@ -157,7 +157,7 @@ def test_invalid_placement_and_kind_surface_as_user_errors() -> None:
     assert str(info.value) == "norm.placement: stage 4 does not exist in resnet20 (stages 1-3)"
     with pytest.raises(UserError) as info:
         create_model("resnet20", 10, "xyz", "none")
-    assert str(info.value) == "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, gn, none, sbn"
+    assert str(info.value) == "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, gn, iebn, none, sbn"
 
 
 def test_create_model_from_config_passes_the_arch_options() -> None:

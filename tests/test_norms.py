@@ -10,6 +10,7 @@ from sbn_study.errors import UserError
 from sbn_study.norms import (
     NORM_KINDS,
     BatchGroupNorm2d,
+    InstanceEnhancementBatchNorm2d,
     NormPlacement,
     get_norm_layer,
     norm_parameters,
@@ -20,7 +21,7 @@ from sbn_study.sbn import SpectralBatchNorm2d
 
 
 def test_norm_kinds_are_the_registry_keys_sorted() -> None:
-    assert NORM_KINDS == ("2bn", "bgn", "bn", "gn", "none", "sbn")
+    assert NORM_KINDS == ("2bn", "bgn", "bn", "gn", "iebn", "none", "sbn")
     for kind in NORM_KINDS:
         assert callable(get_norm_layer(kind))
 
@@ -28,7 +29,7 @@ def test_norm_kinds_are_the_registry_keys_sorted() -> None:
 def test_unknown_norm_kind_lists_the_known_ones() -> None:
     with pytest.raises(UserError) as info:
         get_norm_layer("xyz")
-    assert str(info.value) == "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, gn, none, sbn"
+    assert str(info.value) == "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, gn, iebn, none, sbn"
 
 
 def test_sbn_is_a_plain_bn_followed_by_the_configured_sbn() -> None:
@@ -106,6 +107,52 @@ def test_batch_group_norm_pools_each_group_over_batch_channels_and_space() -> No
     # momentum=None: a cumulative average, so after one batch the running stats are that batch's.
     torch.testing.assert_close(bgn.running_mean, mean.flatten())
     torch.testing.assert_close(bgn.running_var, grouped.var(dim=(0, 2, 3, 4)).flatten())
+
+
+def _iebn_reference(
+    x: torch.Tensor, layer: InstanceEnhancementBatchNorm2d, mean: torch.Tensor, var: torch.Tensor
+) -> torch.Tensor:
+    """y = (x − μ)/√(σ² + ε) · γ·σ(a·mean_hw(x) + b) + β, in float64."""
+    c = x.shape[1]
+    gain, shift = layer.gain.double(), layer.shift.double()
+    a, b = layer.gate_weight.double(), layer.gate_bias.double()
+    gate = torch.sigmoid(x.mean(dim=(2, 3)) * a + b)
+    normalized = (x - mean.view(1, c, 1, 1)) / torch.sqrt(var.view(1, c, 1, 1) + layer.eps)
+    return normalized * (gain * gate).view(*gate.shape, 1, 1) + shift.view(1, c, 1, 1)
+
+
+def test_iebn_matches_a_float64_reference_in_training_and_eval() -> None:
+    torch.manual_seed(0)
+    layer = InstanceEnhancementBatchNorm2d(5, eps=1e-3, momentum=0.5)
+    with torch.no_grad():
+        for param, low, high in ((layer.gain, 0.5, 1.5), (layer.shift, -1, 1), (layer.gate_weight, -2, 2)):
+            param.uniform_(low, high)
+    x = (torch.randn(8, 5, 6, 7) * 3 + torch.randn(1, 5, 1, 1)).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
+    y, expected = layer(x), _iebn_reference(x64, layer, mean, var)
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-5
+    grad = torch.randn_like(x)
+    (actual_grad,) = torch.autograd.grad(y, x, grad)
+    (expected_grad,) = torch.autograd.grad(expected, x64, grad.double())
+    assert ((actual_grad.double() - expected_grad).norm() / expected_grad.norm()).item() < 1e-5
+    # BN's own running statistics (momentum 0.5 from 0 and 1), used in eval mode.
+    running_mean, running_var = 0.5 * mean.detach(), 0.5 + 0.5 * x64.detach().var(dim=(0, 2, 3))
+    torch.testing.assert_close(layer.running_mean.double(), running_mean)
+    torch.testing.assert_close(layer.running_var.double(), running_var)
+    layer.eval()
+    fresh = torch.randn(3, 5, 6, 7)
+    expected_eval = _iebn_reference(fresh.double(), layer, running_mean, running_var)
+    assert ((layer(fresh).double() - expected_eval).norm() / expected_eval.norm()).item() < 1e-5
+
+
+def test_iebn_starts_as_bn_with_each_gain_gated_by_sigmoid_of_minus_one() -> None:
+    # a = 0 and b = −1 at initialization: every channel's gain is σ(−1) ≈ 0.269 of BN's, whatever the sample.
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    iebn = get_norm_layer("iebn")(3, NormConfig(eps=1e-5, momentum=0.1))
+    torch.testing.assert_close(iebn(x), nn.BatchNorm2d(3)(x) * torch.sigmoid(torch.tensor(-1.0)))
+    assert {name for name, _ in iebn.named_parameters()} == {"gain", "shift", "gate_weight", "gate_bias"}
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,8 @@ def dataset():
 
 
 @pytest.mark.parametrize(
-    ("kind", "placement", "fft_norm"), [("bn", "none", "backward"), ("sbn", "23", "ortho")]
+    ("kind", "placement", "fft_norm"),
+    [("bn", "none", "backward"), ("sbn", "23", "ortho"), ("iebn", "all", "backward")],
 )
 def test_tiny_model_learns_synthetic_data_well_above_chance(
     dataset, kind: str, placement: str, fft_norm: str
