@@ -24,6 +24,10 @@ def trial_status(result: dict[str, Any], max_budget: int) -> str:
     return "completed" if result.get("epoch", 0) >= max_budget else "stopped_early"
 
 
+# How long the end of a trial may hold Tune's loop for its writes to reach a store that answers.
+FINISH_WAIT_S = 30.0
+
+
 class TrackingCallback(Callback):
     """Opens (or, after a resume, finds again) one nested MLflow run per trial and logs each result in one batch."""
 
@@ -96,10 +100,17 @@ class TrackingCallback(Callback):
         self.tracker.log_metrics(trial_id, metrics, step=step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.finish_trial(trial.trial_id, trial_status(trial.last_result, self.spec.max_budget))
+        self._finish(trial.trial_id, trial_status(trial.last_result, self.spec.max_budget))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.finish_trial(trial.trial_id, "error")
+        self._finish(trial.trial_id, "error")
+
+    def _finish(self, trial_id: str, status: str) -> None:
+        self.tracker.finish_trial(trial_id, status)
+        # A trial that ended is never run again: its writes must be in the store before Tune's saved state
+        # says it ended, or a driver killed in between would leave its run open with its last epochs missing.
+        # Once per trial, a few ms on a reachable store; none while the store is known to be away.
+        self.tracker.flush(deadline_s=FINISH_WAIT_S, retry_away=False)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.tracker.flush(deadline_s=30.0)

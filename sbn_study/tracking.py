@@ -283,16 +283,21 @@ class StudyTracker:
         self.flush(deadline_s=30.0)
         self.close()
 
-    def flush(self, deadline_s: float = 0.0) -> bool:
+    def flush(self, deadline_s: float = 0.0, retry_away: bool = True) -> bool:
         """Waits up to `deadline_s` for the writer to send everything queued, retrying a store that is away
-        every `FLUSH_RETRY_S` meanwhile. True when nothing is left unsent."""
+        every `FLUSH_RETRY_S` meanwhile; with `retry_away=False` it stops waiting as soon as the store is known
+        to be away. True when nothing is left unsent."""
         with self._changed:
             if deadline_s > 0 and self._writer is not None and not self._closed:
-                now = time.monotonic()
-                self._flush_until = max(self._flush_until, now + deadline_s)
-                self._retry_at = min(self._retry_at, now)  # retry now, not after the rest of a pause
-                self._changed.notify_all()
-                self._changed.wait_for(lambda: not self._pending or self._closed, timeout=deadline_s)
+                if retry_away:
+                    now = time.monotonic()
+                    self._flush_until = max(self._flush_until, now + deadline_s)
+                    self._retry_at = min(self._retry_at, now)  # retry now, not after the rest of a pause
+                    self._changed.notify_all()
+                self._changed.wait_for(
+                    lambda: not self._pending or self._closed or (not retry_away and self._store_away()),
+                    timeout=deadline_s,
+                )
             return not self._pending
 
     def close(self) -> None:

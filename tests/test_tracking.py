@@ -248,6 +248,42 @@ def test_a_resumed_trial_replays_what_a_killed_driver_never_logged(
     tracker.close()
 
 
+def test_a_trial_that_ends_is_in_the_store_before_tune_moves_on(
+    store: tuple[str, str], tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from sbn_study.callbacks import TrackingCallback
+    from sbn_study.spec import load_spec
+    from tests.conftest import QUICKSTART
+
+    tracker, gated = open_tracker(store, tmp_path)
+    spec = load_spec(QUICKSTART)
+    callback = TrackingCallback(
+        spec, tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path
+    )
+    callback._tracker = tracker
+    trial = SimpleNamespace(trial_id="a", config={}, last_result={"epoch": spec.max_budget, "val_acc": 0.5})
+    callback.on_trial_start(0, [], trial)
+    # The store answers, slowly: the trial's end holds Tune's loop until it is written (the study is killable
+    # right after: Tune then saves the trial as ended, and a resume never runs it again).
+    gated.open.clear()
+    threading.Timer(0.3, gated.open.set).start()
+    assert timed(lambda: callback.on_trial_complete(0, [], trial)) >= 0.3
+    run = MlflowClient(tracker.uri).get_run(tracker.run_id("a") or "")
+    assert (run.info.status, run.data.tags["sbn.status"]) == ("FINISHED", "completed")
+
+    # The store is away: the end is queued and the loop goes on.
+    other = SimpleNamespace(trial_id="b", config={}, last_result={"epoch": 1, "val_acc": 0.1})
+    callback.on_trial_start(0, [], other)
+    gated.failing = True
+    assert timed(lambda: callback.on_trial_error(0, [], other)) < 2 * tracking.FLUSH_RETRY_S
+    assert tracker.pending > 0
+    tracker.close()
+
+
 @pytest.mark.parametrize("uri", ["./mlruns", "/data/mlruns", "file:///data/mlruns", "C:\\mlruns"])
 def test_a_plain_folder_store_is_refused_naming_where_it_came_from(
     uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
