@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -469,6 +468,8 @@ def _trial_statuses(tracker: Any) -> dict[str, str]:
 def _best_trial(uri: str, spec: StudySpec, parent_run_id: str) -> dict[str, Any] | None:
     """The trial `sbn-study export` ranks first: the best value of the metric over its epochs, among the
     trials that completed or were stopped early."""
+    import pandas as pd
+
     from sbn_study.analysis import RANKED_STATUSES, best_trials, trials
 
     table = trials(uri, spec.name, execution=parent_run_id)
@@ -486,10 +487,6 @@ def _best_trial(uri: str, spec: StudySpec, parent_run_id: str) -> dict[str, Any]
         "value": float(best[score]),
         "epoch": int(best["best_epoch"]),
         "status": best["status"],
-        "params": {k: best[k] for k in table.attrs["searched"] if k in best and not _missing(best[k])},
+        # A conditional parameter this trial did not sample is NaN in its row.
+        "params": {k: best[k] for k in table.attrs["searched"] if k in best and not pd.isna(best[k])},
     }
-
-
-def _missing(value: Any) -> bool:
-    # A conditional parameter this trial did not sample is NaN in its row.
-    return isinstance(value, float) and math.isnan(value)

@@ -54,6 +54,18 @@ def wait_driver(driver: subprocess.Popen, log: Path, timeout_s: float) -> tuple[
     return driver.returncode, log.read_text()
 
 
+def run_to_the_end(
+    cluster: RayCluster, address: str, output: Path, name: str, overrides: list[str], uri: str
+) -> str:
+    """`sbn-study run` of study `name` on `address`, tracked on the server `uri`: it must finish; its output."""
+    command = driver_command(output, name, overrides, "--address", address, "--tracking-uri", uri)
+    log = output.parent / f"{name}.log"
+    code, text = wait_driver(start_driver(command, cluster.env, log), log, timeout_s=150)
+    assert code == 0, text[-4000:]
+    assert f"study '{name}' finished" in text
+    return text
+
+
 def wait_for(
     condition: Callable[[], Any],
     timeout_s: float,
@@ -144,20 +156,7 @@ def test_two_nodes_run_one_study_tracked_on_an_mlflow_server(tmp_path: Path) -> 
         assert not list((tmp_path / "local-store").glob("ray/*")), "trials started before the refusal"
 
         overrides = ["search.num_samples=4", "train.epochs=2", "resources.cpu=1", "search.max_concurrent=2"]
-        command = driver_command(
-            tmp_path / "out",
-            "cluster-e2e",
-            overrides,
-            "--address",
-            cluster.address,
-            "--tracking-uri",
-            server.uri,
-        )
-        log = tmp_path / "driver.log"
-        code, output = wait_driver(start_driver(command, cluster.env, log), log, timeout_s=150)
-        assert code == 0, output[-4000:]
-        assert "study 'cluster-e2e' finished" in output
-
+        run_to_the_end(cluster, cluster.address, tmp_path / "out", "cluster-e2e", overrides, server.uri)
         runs = assert_one_ended_run_per_trial(server.uri, "cluster-e2e", trials=4, epochs=2)
         # Each node has 1 CPU and a trial takes 1: the two concurrent trials ran on different nodes.
         assert {r.data.tags["sbn.node"] for r in runs} == {n["node_id"] for n in nodes}
@@ -174,19 +173,14 @@ def test_two_nodes_run_one_study_tracked_on_an_mlflow_server(tmp_path: Path) -> 
             assert refused.returncode == 2, refused.stderr[-3000:]
             assert error in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         storage = tmp_path / "client-storage"
-        command = driver_command(
+        output = run_to_the_end(
+            cluster,
+            cluster.client_address,
             client_output,
             "client-e2e",
             [*overrides, f"storage={storage}"],
-            "--address",
-            cluster.client_address,
-            "--tracking-uri",
             server.uri,
         )
-        log = tmp_path / "client-driver.log"
-        code, output = wait_driver(start_driver(command, cluster.env, log), log, timeout_s=150)
-        assert code == 0, output[-4000:]
-        assert "study 'client-e2e' finished" in output
         # The live table printed on the head reaches this terminal.
         assert "4 trials: " in output, output[-4000:]
         runs = assert_one_ended_run_per_trial(server.uri, "client-e2e", trials=4, epochs=2)

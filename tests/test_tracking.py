@@ -9,13 +9,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from sbn_study import tracking
+from sbn_study.callbacks import TrackingCallback
 from sbn_study.errors import UserError
+from sbn_study.spec import load_spec
 from sbn_study.tracking import STAND_IN_PREFIX, StudyTracker, ensure_experiment
+from tests.conftest import QUICKSTART
 
 # Far below what one sqlite write costs, far above what appending to a queue costs.
 APPEND_BOUND_S = 0.05
@@ -64,6 +68,15 @@ def open_tracker(store: tuple[str, str], tmp_path: Path) -> tuple[StudyTracker, 
 
 def open_trial(tracker: StudyTracker, trial_id: str) -> str:
     return tracker.trial_run(trial_id, trial_id, {"model.arch": "tiny"}, "model: {arch: tiny}\n", {})
+
+
+def callback_for(tracker: StudyTracker) -> TrackingCallback:
+    """The driver's Tune callback of the quick-start study, writing through `tracker`."""
+    callback = TrackingCallback(
+        load_spec(QUICKSTART), tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path
+    )
+    callback._tracker = tracker
+    return callback
 
 
 def steps_and_values(tracker: StudyTracker, trial_id: str, metric: str) -> list[tuple[int, float]]:
@@ -193,14 +206,8 @@ def test_what_a_store_never_took_is_saved_in_order_and_not_sent_later(
 
 
 def test_the_callback_pickles_with_a_live_writer(store: tuple[str, str], tmp_path: Path) -> None:
-    from sbn_study.callbacks import TrackingCallback
-    from sbn_study.spec import load_spec
-    from tests.conftest import QUICKSTART
-
     tracker, _ = open_tracker(store, tmp_path)
-    callback = TrackingCallback(
-        load_spec(QUICKSTART), tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path
-    )
+    callback = callback_for(tracker)
     open_trial(callback.tracker, "a")
     callback.tracker.log_metrics("a", {"val_acc": 1.0}, 1)
     restored = pickle.loads(pickle.dumps(callback))
@@ -213,17 +220,8 @@ def test_the_callback_pickles_with_a_live_writer(store: tuple[str, str], tmp_pat
 def test_a_resumed_trial_replays_what_a_killed_driver_never_logged(
     store: tuple[str, str], tmp_path: Path
 ) -> None:
-    from types import SimpleNamespace
-
-    from sbn_study.callbacks import TrackingCallback
-    from sbn_study.spec import load_spec
-    from tests.conftest import QUICKSTART
-
     tracker, _ = open_tracker(store, tmp_path)
-    spec = load_spec(QUICKSTART)
-    callback = TrackingCallback(
-        spec, tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path
-    )
+    callback = callback_for(tracker)
     trial = SimpleNamespace(trial_id="a", config={"train.lr": 0.05})
     history = [{"epoch": 0.0, "fm/bn1/norm": 9.0}] + [
         {"epoch": float(e), "val_acc": e / 10, "epoch_time_s": 1.0} for e in (1, 2, 3)
@@ -251,21 +249,12 @@ def test_a_resumed_trial_replays_what_a_killed_driver_never_logged(
 def test_a_trial_that_ends_is_in_the_store_before_tune_moves_on(
     store: tuple[str, str], tmp_path: Path
 ) -> None:
-    from types import SimpleNamespace
-
     from mlflow.tracking import MlflowClient
 
-    from sbn_study.callbacks import TrackingCallback
-    from sbn_study.spec import load_spec
-    from tests.conftest import QUICKSTART
-
     tracker, gated = open_tracker(store, tmp_path)
-    spec = load_spec(QUICKSTART)
-    callback = TrackingCallback(
-        spec, tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path
-    )
-    callback._tracker = tracker
-    trial = SimpleNamespace(trial_id="a", config={}, last_result={"epoch": spec.max_budget, "val_acc": 0.5})
+    callback = callback_for(tracker)
+    budget = callback.spec.max_budget
+    trial = SimpleNamespace(trial_id="a", config={}, last_result={"epoch": budget, "val_acc": 0.5})
     callback.on_trial_start(0, [], trial)
     # The store answers, slowly: the trial's end holds Tune's loop until it is written (the study is killable
     # right after: Tune then saves the trial as ended, and a resume never runs it again).
