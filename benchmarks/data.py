@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from benchmarks._timing import measure
-from sbn_study.data import DeviceLoader, Split
+from sbn_study.trial.data import DeviceLoader, Split
 
 NAME = "data"
 TARGET = "≥ 10× images/s"

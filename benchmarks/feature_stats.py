@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from benchmarks._timing import measure
-from sbn_study.config import FeatureStatsConfig, TrialConfig
-from sbn_study.data import ImageDataset, load_dataset
-from sbn_study.featstats import measure_feature_stats
-from sbn_study.norms import norm_sites
 from sbn_study.spec import load_spec
-from sbn_study.train import _probe_batch, resolve_device, train
+from sbn_study.spec.config import FeatureStatsConfig, TrialConfig
+from sbn_study.trial.data import ImageDataset, load_dataset
+from sbn_study.trial.featstats import measure_feature_stats
+from sbn_study.trial.norms import norm_sites
+from sbn_study.trial.train import _probe_batch, resolve_device, train
 
 NAME = "feature_stats"
 TARGET = "≤ 3 % overhead"

@@ -44,9 +44,9 @@ def _child(device_name: str, batch: int, steps: int, barrier: Path, processes: i
     import torch
     import torch.nn.functional as F
 
-    from sbn_study.config import TrainConfig, TrialConfig
-    from sbn_study.models import create_model
-    from sbn_study.train import make_optimizer
+    from sbn_study.spec.config import TrainConfig, TrialConfig
+    from sbn_study.trial.models import create_model
+    from sbn_study.trial.train import make_optimizer
 
     device = torch.device(device_name)
     on_cuda = device.type == "cuda"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks._timing import measure
-from sbn_study.sbn import SpectralBatchNorm2d
+from sbn_study.trial.sbn import SpectralBatchNorm2d
 
 NAME = "sbn_layer"
 TARGET = "auto ≤ 1.5× BN on CPU; ≥ 3× faster than fft"

@@ -6,7 +6,7 @@ already imported torch and MLflow into this one, which would hide their import t
 - busy fraction = Σ `epoch_time_s` of every reported epoch / (wall × slots), slots = min(max_concurrent,
   cores / resources.cpu): the share of the machine's trial slots spent training and evaluating. Wall here
   runs from just before Ray starts to `run_study` returning; the process's start and first imports (as far
-  as `sbn_study.study` and `ray`) come before and are a phase of their own.
+  as `sbn_study.study.lifecycle` and `ray`) come before and are a phase of their own.
 - time to the first reported epoch: the earliest metric timestamp in MLflow, counted once from just before
   Ray starts (Ray start-up included) and once from Ray being up (excluded).
 - the phases seen from outside: Ray start-up, the dataset load (timed apart, as `run_study` does it), the
@@ -17,7 +17,7 @@ already imported torch and MLflow into this one, which would hide their import t
   inside it. The busy fraction counts a slowed epoch as busy; these two rows show what that hides.
 
 `run_study` starts Ray itself, as `sbn-study run` does (it creates the tracking store on a thread meanwhile);
-a wrapper around `sbn_study.study.start_ray` notes when Ray is up. Runs once: it is the slowest benchmark
+a wrapper around `sbn_study.study.lifecycle.start_ray` notes when Ray is up. Runs once: it is the slowest benchmark
 (1–2 min).
 
 Run: `python -m benchmarks study` from the repository root.
@@ -141,7 +141,7 @@ def _epoch_alone(spec: Any, dataset: Any) -> float:
     reference that shows whether trials inside the study ran slower than the machine allows."""
     import torch
 
-    from sbn_study.train import train
+    from sbn_study.trial.train import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
@@ -175,7 +175,7 @@ def run(quick: bool = False) -> list[dict[str, object]]:
 def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
     import ray
 
-    from sbn_study import study
+    from sbn_study.study import lifecycle as study
 
     imported = time.time()
     spec_text = QUICKSTART.read_text()
@@ -220,7 +220,7 @@ def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
         # Imported only now: before the study they would take torch's and MLflow's imports out of its time.
         from mlflow.tracking import MlflowClient
 
-        from sbn_study.data import load_dataset
+        from sbn_study.trial.data import load_dataset
 
         client = MlflowClient(tracking_uri=uri)
         parent = client.get_run(outcome.parent_run_id)
@@ -286,7 +286,7 @@ def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
         row("first epoch from start", f"{first_metric - t0:.1f} s", "includes Ray start-up"),
         row("first epoch from Ray up", f"{first_metric - ray_up:.1f} s", "excludes Ray start-up"),
         row(
-            "phase: process start → sbn_study.study and ray imported",
+            "phase: process start → sbn_study.study.lifecycle and ray imported",
             f"{imported - launched_at:.1f} s",
             "interpreter start and imports before anything runs",
         ),

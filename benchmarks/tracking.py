@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-from sbn_study.featstats import measure_feature_stats
-from sbn_study.models import create_model_from_config
+from sbn_study.protocol import EPOCH_METRICS, result_metrics
 from sbn_study.spec import load_spec
-from sbn_study.tracking import EPOCH_METRICS, StudyTracker, ensure_experiment, result_metrics
+from sbn_study.store.tracker import StudyTracker, ensure_experiment
+from sbn_study.trial.featstats import measure_feature_stats
+from sbn_study.trial.models import create_model_from_config
 
 NAME = "tracking"
 TARGET = "≤ 10 ms per result (sqlite) on Tune's event loop"

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks._timing import measure
-from sbn_study.config import ModelConfig, NormConfig, TrainConfig, TrialConfig
-from sbn_study.models import create_model, create_model_from_config
-from sbn_study.train import make_optimizer
+from sbn_study.spec.config import ModelConfig, NormConfig, TrainConfig, TrialConfig
+from sbn_study.trial.models import create_model, create_model_from_config
+from sbn_study.trial.train import make_optimizer
 
 NAME = "train_step"
 TARGET = "SBN overhead ≤ 5 %"

@@ -80,7 +80,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _validate_final(args: argparse.Namespace) -> int:
-    from sbn_study.export import budget_warning, load_final_config
+    from sbn_study.results.export import budget_warning, load_final_config
 
     config = load_final_config(args.spec, args.overrides)
     source = config.provenance
@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sbn_study.spec import load_spec
-    from sbn_study.study import RunOptions, run_study
+    from sbn_study.study.lifecycle import RunOptions, run_study
 
     spec = load_spec(args.spec, args.overrides)
     for warning in spec.warnings():
@@ -217,7 +217,7 @@ def _ui(args: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
-    from sbn_study.tracking import redact_uri, resolve_tracking_uri
+    from sbn_study.store.uri import redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, None, Path(args.output))
     print(f"MLflow UI for {redact_uri(uri)} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
@@ -252,7 +252,7 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
 def _tracking_uri(args: argparse.Namespace) -> str:
     from pathlib import Path
 
-    from sbn_study.tracking import resolve_tracking_uri
+    from sbn_study.store.uri import resolve_tracking_uri
 
     return resolve_tracking_uri(args.tracking_uri, None, Path(args.output))
 
@@ -274,8 +274,8 @@ def _add_report(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sbn_study.analysis import best_trials, trials
-    from sbn_study.tracking import redact_uri
+    from sbn_study.results.analysis import best_trials, trials
+    from sbn_study.store.uri import redact_uri
 
     uri = _tracking_uri(args)
     table = trials(uri, args.study, execution=args.execution, all_params=True)
@@ -331,7 +331,7 @@ def _add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sbn_study.export import budget_warning, export_best
+    from sbn_study.results.export import budget_warning, export_best
 
     if args.top_k < 1:
         raise UserError(f"--top-k: expected at least 1, got {args.top_k}")
@@ -412,9 +412,9 @@ def _add_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sbn_study.analysis import arm_label
-    from sbn_study.export import budget_warning, load_final_config
-    from sbn_study.final import FinalOptions, SeedResult, experiment_name, run_final, training_arms
+    from sbn_study.final.training import FinalOptions, SeedResult, experiment_name, run_final, training_arms
+    from sbn_study.results.analysis import arm_label
+    from sbn_study.results.export import budget_warning, load_final_config
 
     config = load_final_config(args.config, args.overrides)
     options = FinalOptions(

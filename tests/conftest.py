@@ -70,7 +70,7 @@ class FinishedStudy:
 
 def run_small_study(output: Path, overrides: list[str] | None = None) -> FinishedStudy:
     from sbn_study.spec import load_spec
-    from sbn_study.study import RunOptions, run_study
+    from sbn_study.study.lifecycle import RunOptions, run_study
 
     spec = load_spec(QUICKSTART, SMALL_STUDY_OVERRIDES + (overrides or []))
     options = RunOptions(output=output, progress_interval_s=60.0)

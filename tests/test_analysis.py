@@ -1,4 +1,4 @@
-"""`sbn_study.analysis` on the shared small study: tidy tables straight from the real MLflow store."""
+"""`sbn_study.results.analysis` on the shared small study: tidy tables straight from the real MLflow store."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sbn_study import analysis
 from sbn_study.errors import UserError
-from sbn_study.featstats import STAT_NAMES
+from sbn_study.results import analysis
+from sbn_study.trial.featstats import STAT_NAMES
 from tests.conftest import FinishedStudy
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s")

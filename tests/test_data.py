@@ -18,9 +18,9 @@ import torch
 import torchvision.datasets
 from torchvision.transforms.v2 import functional as TF
 
-from sbn_study.config import DataConfig, SyntheticConfig
-from sbn_study.data import DeviceLoader, Split, load_dataset, num_classes_of
 from sbn_study.errors import UserError
+from sbn_study.spec.config import DataConfig, SyntheticConfig
+from sbn_study.trial.data import DeviceLoader, Split, load_dataset, num_classes_of
 
 MEAN = (0.4, 0.5, 0.6)
 STD = (0.2, 0.25, 0.3)

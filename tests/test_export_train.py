@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from sbn_study import cli
-from sbn_study.config import TrialConfig, flatten
-from sbn_study.export import Provenance
-from sbn_study.final import SeedResult, summarize
+from sbn_study.final.training import SeedResult, summarize
+from sbn_study.results.export import Provenance
+from sbn_study.spec.config import TrialConfig, flatten
 from tests.conftest import FinishedStudy
 from tests.test_analysis import copy_with_new_execution
 from tests.test_train import tiny_config
@@ -89,10 +89,10 @@ def test_a_seed_tests_the_weights_of_its_best_validation_epoch_once(monkeypatch:
     import ray
     import torch
 
-    from sbn_study import train as training
-    from sbn_study.data import DeviceLoader, load_dataset
-    from sbn_study.final import _train_seed
-    from sbn_study.models import create_model_from_config
+    from sbn_study.final.training import _train_seed
+    from sbn_study.trial import train as training
+    from sbn_study.trial.data import DeviceLoader, load_dataset
+    from sbn_study.trial.models import create_model_from_config
 
     config = tiny_config(epochs=3)
     config.features.enabled = False
@@ -186,7 +186,7 @@ def test_export_writes_top_k_configs_that_validate_and_carry_provenance(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from sbn_study.analysis import trials
+    from sbn_study.results.analysis import trials
 
     uri = small_study.tracking_uri
     code, out, err = run_cli(

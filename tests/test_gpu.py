@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from sbn_study.sbn import SpectralBatchNorm2d
-from sbn_study.train import train
+from sbn_study.trial.sbn import SpectralBatchNorm2d
+from sbn_study.trial.train import train
 from tests.test_sbn import ref_sbn
 from tests.test_train import tiny_config
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from sbn_study.config import ModelConfig, NormConfig
 from sbn_study.errors import UserError
-from sbn_study.models import ARCHS, create_model, create_model_from_config
-from sbn_study.norms import norm_sites
-from sbn_study.sbn import SpectralBatchNorm2d
+from sbn_study.spec.config import ModelConfig, NormConfig
+from sbn_study.trial.models import ARCHS, create_model, create_model_from_config
+from sbn_study.trial.norms import norm_sites
+from sbn_study.trial.sbn import SpectralBatchNorm2d
 
 # Normalization sites per stage (index 0 = stem), counted by hand from the architectures: blocks × norms per
 # block, plus one per projection shortcut (the first block of every stage whose shape changes).
@@ -175,5 +175,5 @@ def test_create_model_from_config_passes_the_arch_options() -> None:
 
 
 def test_importing_models_does_not_import_torch() -> None:
-    code = "import sys, sbn_study.models; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, sbn_study.trial.models; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], check=True)

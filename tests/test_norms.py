@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbn_study.config import NormConfig
 from sbn_study.errors import UserError
-from sbn_study.norms import (
+from sbn_study.spec.config import NormConfig
+from sbn_study.trial.norms import (
     NORM_KINDS,
     BatchGroupNorm2d,
     InstanceEnhancementBatchNorm2d,
@@ -17,7 +17,7 @@ from sbn_study.norms import (
     norm_sites,
     parse_placement,
 )
-from sbn_study.sbn import SpectralBatchNorm2d
+from sbn_study.trial.sbn import SpectralBatchNorm2d
 
 
 def test_norm_kinds_are_the_registry_keys_sorted() -> None:

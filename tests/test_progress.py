@@ -6,8 +6,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-from sbn_study.callbacks import ProgressTable
 from sbn_study.spec import load_spec
+from sbn_study.tune.callbacks import ProgressTable
 from tests.conftest import QUICKSTART
 
 

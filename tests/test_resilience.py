@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from sbn_study.cli import main
-from sbn_study.study import state_path
+from sbn_study.study.lifecycle import state_path
 from tests.conftest import QUICKSTART, TuneTrial, run_command, run_small_study, tune_trials
 
 T = TypeVar("T")

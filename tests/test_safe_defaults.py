@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from sbn_study.tracking import redact_uri
+from sbn_study.store.uri import redact_uri
 from tests.servers import free_port, kill_tree
 
 
@@ -74,7 +74,7 @@ def test_ui_serves_the_store_on_loopback_only(tmp_path: Path) -> None:
 def test_embedded_ray_starts_without_a_dashboard(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import ray
 
-    from sbn_study.study import RunOptions, start_ray
+    from sbn_study.study.lifecycle import RunOptions, start_ray
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -85,7 +85,7 @@ def test_embedded_ray_starts_without_a_dashboard(monkeypatch: pytest.MonkeyPatch
 
 def test_credentials_in_the_spec_never_reach_the_studys_artifacts() -> None:
     from sbn_study.spec import load_spec
-    from sbn_study.study import study_artifacts
+    from sbn_study.study.lifecycle import study_artifacts
     from tests.conftest import QUICKSTART
 
     secret = "https://alice:s3cret@mlflow.example.com"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from sbn_study.sbn import DENSE_ROW, SpectralBatchNorm2d
+from sbn_study.trial.sbn import DENSE_ROW, SpectralBatchNorm2d
 
 SHAPES = [(2, 3, 5, 7), (4, 3, 8, 8), (3, 2, 6, 9), (5, 4, 7, 4)]
 NORMS = ["backward", "ortho", "forward"]

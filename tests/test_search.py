@@ -13,9 +13,9 @@ import math
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from sbn_study.search import StudySearch
+from sbn_study.protocol import worst_values
 from sbn_study.spec import StudySpec, load_spec
-from sbn_study.trainable import worst_values
+from sbn_study.tune.search import StudySearch
 from tests.conftest import QUICKSTART
 
 
@@ -45,7 +45,10 @@ def run_trial(
 def test_a_diverged_trial_is_complete_with_the_worst_value(spec: StudySpec) -> None:
     search = StudySearch(spec)
     # Epoch 2 diverges: the trainable replaces the searched metric with its worst value (-inf for max).
-    results = [{"epoch": 1, "val_acc": 0.3}, {"epoch": 2, "diverged": 1.0, **worst_values(spec)}]
+    results = [
+        {"epoch": 1, "val_acc": 0.3},
+        {"epoch": 2, "diverged": 1.0, **worst_values(spec.search.metrics, spec.search.modes)},
+    ]
     assert results[1]["val_acc"] == -math.inf
 
     recorded = run_trial(search, "diverged", results, stopped_by_scheduler=False)

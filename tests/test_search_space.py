@@ -7,8 +7,8 @@ from typing import Any
 import optuna
 import pytest
 
-from sbn_study.search import SearchSpace, make_sampler, make_scheduler
 from sbn_study.spec import load_spec
+from sbn_study.tune.search import SearchSpace, make_sampler, make_scheduler
 from tests.conftest import QUICKSTART
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

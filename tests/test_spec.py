@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from sbn_study.config import TrialConfig
-from sbn_study.models import ARCHS
-from sbn_study.norms import NORM_KINDS
 from sbn_study.spec import Distribution, SpecError, StudySpec, load_spec, spec_from_dict
+from sbn_study.spec.config import TrialConfig
+from sbn_study.trial.models import ARCHS
+from sbn_study.trial.norms import NORM_KINDS
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 

@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
-from sbn_study import tracking
-from sbn_study.callbacks import TrackingCallback
+from sbn_study import protocol
 from sbn_study.errors import UserError
 from sbn_study.spec import load_spec
-from sbn_study.tracking import STAND_IN_PREFIX, StudyTracker, ensure_experiment
+from sbn_study.store import tracker as tracking
+from sbn_study.store import uri as uri_rules
+from sbn_study.store.tracker import STAND_IN_PREFIX, StudyTracker, ensure_experiment
+from sbn_study.tune.callbacks import TrackingCallback
 from tests.conftest import QUICKSTART
 
 # Far below what one sqlite write costs, far above what appending to a queue costs.
@@ -230,14 +232,14 @@ def test_a_resumed_trial_replays_what_a_killed_driver_never_logged(
     for entry in history[1:3]:  # epoch 0's statistics travel with epoch 1's result
         result = {**entry, "node_id": "n1"}
         if entry["epoch"] == 1:
-            result[tracking.INITIAL_FEATURES_KEY] = history[0]
+            result[protocol.INITIAL_FEATURES_KEY] = history[0]
         callback.on_trial_result(0, [], trial, result)
     callback.on_experiment_end([])
     # Epoch 3 was reported and checkpointed, but the driver was killed before its write was sent.
 
     resumed = pickle.loads(pickle.dumps(callback))
     resumed.on_trial_start(0, [], trial)
-    replayed = {"epoch": 4.0, "val_acc": 0.4, "epoch_time_s": 1.0, tracking.REPLAY_KEY: history}
+    replayed = {"epoch": 4.0, "val_acc": 0.4, "epoch_time_s": 1.0, protocol.REPLAY_KEY: history}
     resumed.on_trial_result(0, [], trial, replayed)
     resumed.on_experiment_end([])
 
@@ -283,20 +285,23 @@ def test_a_plain_folder_store_is_refused_naming_where_it_came_from(
         f"(http://HOST:5000), got {uri}"
     )
     with pytest.raises(UserError) as caught:
-        tracking.resolve_tracking_uri(None, uri, tmp_path)
+        uri_rules.resolve_tracking_uri(None, uri, tmp_path)
     assert str(caught.value) == f"tracking.uri: {expected}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(UserError) as caught:
-        tracking.resolve_tracking_uri(None, "sqlite:///ignored.db", tmp_path)
+        uri_rules.resolve_tracking_uri(None, "sqlite:///ignored.db", tmp_path)
     assert str(caught.value) == f"MLFLOW_TRACKING_URI: {expected}"
 
 
 def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert (
-        tracking.resolve_tracking_uri(None, None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+        uri_rules.resolve_tracking_uri(None, None, tmp_path)
+        == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     )
-    assert tracking.resolve_tracking_uri(None, "http://spec:5000", tmp_path) == "http://spec:5000"
+    assert uri_rules.resolve_tracking_uri(None, "http://spec:5000", tmp_path) == "http://spec:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
-    assert tracking.resolve_tracking_uri(None, "http://spec:5000", tmp_path) == "http://env:5000"
-    assert tracking.resolve_tracking_uri("http://cli:5000", "http://spec:5000", tmp_path) == "http://cli:5000"
+    assert uri_rules.resolve_tracking_uri(None, "http://spec:5000", tmp_path) == "http://env:5000"
+    assert (
+        uri_rules.resolve_tracking_uri("http://cli:5000", "http://spec:5000", tmp_path) == "http://cli:5000"
+    )

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from sbn_study.config import TrialConfig
-from sbn_study.data import load_dataset
 from sbn_study.errors import UserError
-from sbn_study.featstats import PERCENTILES, STAT_NAMES, _site_stats, measure_feature_stats
-from sbn_study.models import create_model
-from sbn_study.norms import norm_parameters, norm_sites
-from sbn_study.train import lr_at, make_optimizer, train
+from sbn_study.spec.config import TrialConfig
+from sbn_study.trial.data import load_dataset
+from sbn_study.trial.featstats import PERCENTILES, STAT_NAMES, _site_stats, measure_feature_stats
+from sbn_study.trial.models import create_model
+from sbn_study.trial.norms import norm_parameters, norm_sites
+from sbn_study.trial.train import lr_at, make_optimizer, train
 
 
 def tiny_config(**train_overrides: object) -> TrialConfig:

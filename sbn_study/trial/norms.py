@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbn_study.config import NormConfig
 from sbn_study.errors import UserError
-from sbn_study.sbn import SpectralBatchNorm2d
+from sbn_study.spec.config import NormConfig
+from sbn_study.trial.sbn import SpectralBatchNorm2d
 
 NormFactory = Callable[[int, NormConfig], nn.Module]
 

@@ -19,20 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
-from sbn_study.errors import UserError
+from sbn_study.errors import UserError, one_line
 from sbn_study.spec import StudySpec
-from sbn_study.tracking import (
-    check_reachable,
-    create_store,
-    ensure_experiment,
-    is_remote_store,
-    redact_uri,
-    resolve_tracking_uri,
-)
+from sbn_study.store.tracker import create_store, ensure_experiment
+from sbn_study.store.uri import check_reachable, is_remote_store, redact_uri, resolve_tracking_uri
 
 if TYPE_CHECKING:  # the CLI imports this module: torch only once a study runs
-    from sbn_study.config import DataConfig
-    from sbn_study.data import ImageDataset
+    from sbn_study.spec.config import DataConfig
+    from sbn_study.trial.data import ImageDataset
 
 T = TypeVar("T")
 
@@ -119,9 +113,8 @@ def start_ray(options: RunOptions) -> bool:
                     "; ray:// needs the head's Ray Client server (ray start --head --ray-client-server-port "
                     "PORT, default 10001, with ray[client] installed there)"
                 )
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(
-                f"--address: cannot join the Ray cluster at {options.address} ({first_line}){hint}"
+                f"--address: cannot join the Ray cluster at {options.address} ({one_line(exc)}){hint}"
             ) from None
         return True
     # An exposed Ray dashboard lets anyone run code on the cluster: keep it off on the embedded Ray.
@@ -281,7 +274,7 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
 def _prepare(uri: str, data: DataConfig) -> ImageDataset:
     """The tracking store opened (MLflow's import and a fresh sqlite store's migrations: ≈ 2.5 s) and the
     dataset loaded: what the driver needs besides Ray. Raises UserError for a dataset that cannot be had."""
-    from sbn_study.data import load_dataset
+    from sbn_study.trial.data import load_dataset
 
     create_store(uri)
     return load_dataset(data)
@@ -300,10 +293,10 @@ def _run(
 ) -> StudyOutcome:
     import ray.tune as tune
 
-    from sbn_study.callbacks import ProgressTable, TrackingCallback
-    from sbn_study.search import StudySearch, make_scheduler
-    from sbn_study.tracking import StudyTracker
-    from sbn_study.trainable import run_trial
+    from sbn_study.store.tracker import StudyTracker
+    from sbn_study.tune.callbacks import ProgressTable, TrackingCallback
+    from sbn_study.tune.search import StudySearch, make_scheduler
+    from sbn_study.tune.trainable import run_trial
 
     for key, value in _TUNE_ENV.items():
         os.environ.setdefault(key, value)
@@ -470,7 +463,8 @@ def _best_trial(uri: str, spec: StudySpec, parent_run_id: str) -> dict[str, Any]
     trials that completed or were stopped early."""
     import pandas as pd
 
-    from sbn_study.analysis import RANKED_STATUSES, best_trials, trials
+    from sbn_study.protocol import RANKED_STATUSES
+    from sbn_study.results.analysis import best_trials, trials
 
     table = trials(uri, spec.name, execution=parent_run_id)
     score = f"best_{table.attrs['metric']}"

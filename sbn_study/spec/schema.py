@@ -44,8 +44,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from sbn_study.config import DataConfig, Strict, TrialConfig, flatten, set_dotted
 from sbn_study.errors import UserError
+from sbn_study.spec.config import DataConfig, Strict, TrialConfig, flatten, set_dotted
 
 MetricName = Literal["val_acc", "val_loss", "train_loss", "train_acc", "epoch_time_s", "images_per_s"]
 Mode = Literal["max", "min"]
@@ -707,8 +707,11 @@ def _component_errors(
 ) -> list[str]:
     """Architecture, norm kind and placement: valid names, and every placement that can meet an
     architecture exists in it."""
-    from sbn_study.models import ARCHS
-    from sbn_study.norms import NORM_KINDS, parse_placement  # imports torch: only once a spec is checked
+    from sbn_study.trial.models import ARCHS
+    from sbn_study.trial.norms import (  # imports torch: only once a spec is checked
+        NORM_KINDS,
+        parse_placement,
+    )
 
     def candidates(key: str) -> tuple[str, list[Any]]:
         """Where the values a trial can get for `key` are written, and those values."""

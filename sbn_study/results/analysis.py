@@ -25,23 +25,13 @@ import yaml
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
-from sbn_study.config import TrialConfig, flatten
-from sbn_study.errors import UserError
+from sbn_study.errors import UserError, one_line
+from sbn_study.protocol import BETTER, EPOCH_METRICS, FEATURE_PREFIX
 from sbn_study.spec import Distribution, StudySpec
-from sbn_study.tracking import EPOCH_METRICS, FEATURE_PREFIX, redact_uri
+from sbn_study.spec.config import TrialConfig, flatten
+from sbn_study.store.uri import redact_uri
 
-# Which way each epoch metric improves; `lr` has no best value.
-BETTER: dict[str, str] = {
-    "val_acc": "max",
-    "train_acc": "max",
-    "images_per_s": "max",
-    "val_loss": "min",
-    "train_loss": "min",
-    "epoch_time_s": "min",
-}
-# Trials whose metric values are measurements of a configuration (a diverged, crashed or killed trial's are not).
-RANKED_STATUSES = ("completed", "stopped_early")
-# A composite norm site X (see sbn_study.norms) is measured as X.bn, then X.sbn (SBN) or X.bn2 (2bn control).
+# A composite norm site X (see sbn_study.trial.norms) is measured as X.bn, then X.sbn (SBN) or X.bn2 (2bn control).
 _SECOND_NORMS = ("sbn", "bn2")
 # Dotted keys whose values are strings even when they look like numbers (norm.placement "34").
 _TEXT_KEYS = frozenset(k for k, v in flatten(TrialConfig().model_dump()).items() if isinstance(v, str))
@@ -153,7 +143,7 @@ def _resolved_spec(client: MlflowClient, study: str, parent: Run) -> StudySpec:
     except Exception as exc:
         raise UserError(
             f"study '{study}': execution {parent.info.run_name} has no readable resolved.yaml "
-            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            f"({one_line(exc)})"
         ) from None
 
 
@@ -359,7 +349,7 @@ def param_importance(
     """
     import optuna
 
-    from sbn_study.search import suggest
+    from sbn_study.tune.search import suggest
 
     written = space if space is not None else table.attrs.get("space")
     if not written:

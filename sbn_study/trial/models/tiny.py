@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from sbn_study.models.resnet import NormLayer, conv3x3, init_weights
+from sbn_study.trial.models.resnet import NormLayer, conv3x3, init_weights
 
 
 class TinyNet(nn.Module):

@@ -11,20 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sbn_study.data import ImageDataset
+from sbn_study.protocol import FEATURE_PREFIX, INITIAL_FEATURES_KEY, REPLAY_KEY, worst_values
 from sbn_study.spec import StudySpec
-from sbn_study.tracking import FEATURE_PREFIX, INITIAL_FEATURES_KEY, REPLAY_KEY
+from sbn_study.trial.data import ImageDataset
 
 CHECKPOINT_FILE = "state.pt"
-
-
-def worst_values(spec: StudySpec) -> dict[str, float]:
-    """What a diverged trial reports for the searched metrics: the worst possible value of each."""
-    metrics = spec.search.metrics
-    modes = spec.search.modes
-    return {
-        m: float("-inf") if mode == "max" else float("inf") for m, mode in zip(metrics, modes, strict=True)
-    }
 
 
 def run_trial(sampled: dict[str, Any], *, spec: StudySpec, dataset: ImageDataset) -> None:
@@ -32,7 +23,7 @@ def run_trial(sampled: dict[str, Any], *, spec: StudySpec, dataset: ImageDataset
     import torch
     from ray import tune
 
-    from sbn_study.train import train
+    from sbn_study.trial.train import train
 
     config = spec.trial_config(sampled)
     resume = None
@@ -56,7 +47,7 @@ def run_trial(sampled: dict[str, Any], *, spec: StudySpec, dataset: ImageDataset
             result[REPLAY_KEY] = replay.copy()
             replay.clear()
         if metrics.get("diverged"):
-            result.update(worst_values(spec))
+            result.update(worst_values(spec.search.metrics, spec.search.modes))
         with tempfile.TemporaryDirectory() as folder:
             torch.save(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -13,16 +13,10 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from sbn_study.config import flatten
+from sbn_study.protocol import INITIAL_FEATURES_KEY, REPLAY_KEY, TrialStatus, ended_status, result_metrics
 from sbn_study.spec import StudySpec
-from sbn_study.tracking import INITIAL_FEATURES_KEY, REPLAY_KEY, StudyTracker, result_metrics
-
-
-def trial_status(result: dict[str, Any], max_budget: int) -> str:
-    if result.get("diverged"):
-        return "diverged"
-    return "completed" if result.get("epoch", 0) >= max_budget else "stopped_early"
-
+from sbn_study.spec.config import flatten
+from sbn_study.store.tracker import StudyTracker
 
 # How long the end of a trial may hold Tune's loop for its writes to reach a store that answers.
 FINISH_WAIT_S = 30.0
@@ -100,12 +94,12 @@ class TrackingCallback(Callback):
         self.tracker.log_metrics(trial_id, metrics, step=step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial.trial_id, trial_status(trial.last_result, self.spec.max_budget))
+        self._finish(trial.trial_id, ended_status(trial.last_result, self.spec.max_budget))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial.trial_id, "error")
+        self._finish(trial.trial_id, TrialStatus.ERROR)
 
-    def _finish(self, trial_id: str, status: str) -> None:
+    def _finish(self, trial_id: str, status: TrialStatus) -> None:
         self.tracker.finish_trial(trial_id, status)
         # A trial that ended is never run again: its writes must be in the store before Tune's saved state
         # says it ended, or a driver killed in between would leave its run open with its last epochs missing.
@@ -173,7 +167,7 @@ class ProgressTable(Callback):
 
     def state_of(self, trial: Any) -> str:
         if trial.status == "TERMINATED" and trial.last_result:
-            return trial_status(trial.last_result, self.max_budget)
+            return str(ended_status(trial.last_result, self.max_budget))
         return trial.status.lower()
 
 

@@ -6,7 +6,7 @@ parameters.
 
 from __future__ import annotations
 
-from sbn_study.models.resnet import BasicBlock, NormLayer, ResNet
+from sbn_study.trial.models.resnet import BasicBlock, NormLayer, ResNet
 
 _WIDTHS = (16, 32, 64)
 

@@ -4,7 +4,7 @@ Importing this package must not import torch: the spec validator and the CLI rea
 fast, so the builders are imported inside `create_model`.
 
 Every model takes a `norm_layer(num_features, stage) -> nn.Module` and calls it at every normalization site
-(stage 0 = the stem, shortcut norms in their block's stage); `sbn_study.norms.NormPlacement` decides what it
+(stage 0 = the stem, shortcut norms in their block's stage); `sbn_study.trial.norms.NormPlacement` decides what it
 gets.
 """
 
@@ -18,7 +18,7 @@ from sbn_study.errors import UserError
 if TYPE_CHECKING:
     from torch import nn
 
-    from sbn_study.config import ModelConfig, NormConfig
+    from sbn_study.spec.config import ModelConfig, NormConfig
 
 # Architecture → number of stages a placement may name (1..n). Listed in the order errors show them.
 ARCHS: dict[str, int] = {
@@ -64,10 +64,10 @@ def num_stages(arch: str) -> int:
 
 
 def _build(arch: str, num_classes: int, norm_cfg: NormConfig, options: dict[str, Any]) -> nn.Module:
-    from sbn_study.norms import NormPlacement
+    from sbn_study.trial.norms import NormPlacement
 
     policy = NormPlacement(norm_cfg, arch, num_stages(arch))
-    builder = getattr(importlib.import_module(f"sbn_study.models.{_MODULES[arch]}"), arch)
+    builder = getattr(importlib.import_module(f"sbn_study.trial.models.{_MODULES[arch]}"), arch)
     return builder(num_classes, policy, **options)
 
 
@@ -77,7 +77,7 @@ def create_model(
     """`arch` with `norm` at the `placement` stages and every other `NormConfig` field at its default;
     `options` go to the builder (`width` for tiny, `dropout` for the VGGs).
     """
-    from sbn_study.config import NormConfig
+    from sbn_study.spec.config import NormConfig
 
     return _build(arch, num_classes, NormConfig(kind=norm, placement=placement), options)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from sbn_study.config import Strict, TrialConfig
 from sbn_study.errors import UserError
 from sbn_study.spec import Mode, load_trial_config
-from sbn_study.tracking import redact_uri
+from sbn_study.spec.config import Strict, TrialConfig
+from sbn_study.store.uri import redact_uri
 
 
 class Provenance(Strict):
@@ -65,7 +65,8 @@ def export_best(
     """Writes the `top_k` best trials of `study` (its latest execution, or `execution`) to `out_dir` as
     `<study>-top<rank>-<trial id>.yaml`. UserError when the study does not exist or has no completed trial.
     """
-    from sbn_study.analysis import RANKED_STATUSES, best_trials, open_store, trials
+    from sbn_study.protocol import RANKED_STATUSES
+    from sbn_study.results.analysis import best_trials, open_store, trials
 
     table = trials(uri, study, execution=execution)
     counts = table["status"].value_counts().to_dict() if len(table) else {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sbn_study.norms import norm_sites
+from sbn_study.trial.norms import norm_sites
 
 PERCENTILES = (0, 7, 16, 31, 50, 69, 84, 93, 100)
 STAT_NAMES = ("norm", "max", *(f"p{p}" for p in PERCENTILES), "flatness")

@@ -20,19 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sbn_study.config import TrialConfig, flatten
-from sbn_study.errors import UserError
-from sbn_study.export import FinalConfig
-from sbn_study.tracking import (
-    check_reachable,
-    ensure_experiment,
-    redact_uri,
-    resolve_tracking_uri,
-    result_metrics,
-)
+from sbn_study.errors import UserError, one_line
+from sbn_study.protocol import result_metrics
+from sbn_study.results.export import FinalConfig
+from sbn_study.spec.config import TrialConfig, flatten
+from sbn_study.store.tracker import ensure_experiment
+from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri
 
 if TYPE_CHECKING:
-    from sbn_study.data import ImageDataset
+    from sbn_study.trial.data import ImageDataset
 
 ARMS = ("config", "baseline")
 CONFIDENCE = 0.95
@@ -125,7 +121,7 @@ def run_final(
     """Trains every (arm, seed) as one Ray task on the local Ray (started unless one is already running in
     this process, which is then left running) or the cluster at `options.address`; `on_result` is called as
     each one ends."""
-    from sbn_study.study import RunOptions, prepare_output, start_ray
+    from sbn_study.study.lifecycle import RunOptions, prepare_output, start_ray
 
     if not options.seeds:
         raise UserError("--seeds: expected at least one seed")
@@ -155,9 +151,9 @@ def _run(
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from sbn_study.analysis import arm_label
-    from sbn_study.data import load_dataset
-    from sbn_study.tracking import StudyTracker
+    from sbn_study.results.analysis import arm_label
+    from sbn_study.store.tracker import StudyTracker
+    from sbn_study.trial.data import load_dataset
 
     gpus = options.gpus_per_seed
     if gpus is None:
@@ -254,7 +250,7 @@ def _record(tracker: Any, arm: str, seed: int, ref: Any) -> SeedResult:
         out = ray.get(ref)
     except ray.exceptions.RayError as exc:
         tracker.finish_trial(key, "error")
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = one_line(exc, last=True)
         nan = math.nan
         return SeedResult(arm, seed, run_id, "error", nan, nan, nan, 0, 0, error=reason)
     for metrics in out["history"]:
@@ -282,8 +278,8 @@ def _train_seed(config: TrialConfig, dataset: ImageDataset) -> dict[str, Any]:
     """The Ray task: train, restore the best-validation weights, evaluate them once on the test split."""
     import ray
 
-    from sbn_study.data import DeviceLoader
-    from sbn_study.train import evaluate, train
+    from sbn_study.trial.data import DeviceLoader
+    from sbn_study.trial.train import evaluate, train
 
     result = train(config, dataset=dataset, keep_best=True)
     model = result.model

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from sbn_study.config import DataConfig, SyntheticConfig
-from sbn_study.errors import UserError
+from sbn_study.errors import UserError, one_line
+from sbn_study.spec.config import DataConfig, SyntheticConfig
 
 IMAGE_SHAPE = (3, 32, 32)
 CROP_PADDING = 4
@@ -141,7 +141,9 @@ def _download(layout: _CifarLayout, root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _not_found(layout, folder, f"cannot create the folder: {_short(exc)}") from exc
+        raise _not_found(
+            layout, folder, f"cannot create the folder: {one_line(exc, with_type=True, limit=200)}"
+        ) from exc
     # Trials sharing a node start together; the lock makes one download while the others wait and reuse it.
     with FileLock(root / f".{layout.folder}.lock"):
         if _complete(layout, folder):
@@ -153,15 +155,11 @@ def _download(layout: _CifarLayout, root: Path) -> None:
             # torchvision verifies the archive's md5 before extracting it.
             dataset_class(str(root), train=True, download=True)
         except Exception as exc:
-            raise _not_found(layout, folder, f"download failed: {_short(exc)}") from exc
+            raise _not_found(
+                layout, folder, f"download failed: {one_line(exc, with_type=True, limit=200)}"
+            ) from exc
     if not _complete(layout, folder):
         raise _not_found(layout, folder, "the download did not produce them")
-
-
-def _short(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _read_batches(layout: _CifarLayout, folder: Path, names: Sequence[str]) -> Split:
@@ -175,7 +173,9 @@ def _read_batches(layout: _CifarLayout, folder: Path, names: Sequence[str]) -> S
             data = np.ascontiguousarray(entry[b"data"], dtype=np.uint8)
             batch_labels = torch.as_tensor(np.asarray(entry[layout.label_key], dtype=np.int64))
         except Exception as exc:
-            raise UserError(f"data.root: cannot read {path}: {_short(exc)}") from exc
+            raise UserError(
+                f"data.root: cannot read {path}: {one_line(exc, with_type=True, limit=200)}"
+            ) from exc
         if data.ndim != 2 or data.shape[1] != math.prod(IMAGE_SHAPE) or batch_labels.shape != data.shape[:1]:
             raise UserError(f"data.root: {path} is not a {layout.title} batch (data shape {data.shape})")
         if bool(((batch_labels < 0) | (batch_labels >= layout.num_classes)).any()):

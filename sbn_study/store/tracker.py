@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import re
 import threading
 import time
 import weakref
@@ -23,20 +22,9 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from sbn_study.errors import UserError
-
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s")
-FEATURE_PREFIX = "fm/"
-# Feature statistics of the untrained network travel inside the first epoch's result under this key and are
-# logged at step 0 (Tune requires the searched metric in every result, so epoch 0 cannot be its own result).
-INITIAL_FEATURES_KEY = "fm_init"
-# The first result of a trial resumed from a checkpoint carries, under this key, every epoch the checkpoint
-# holds: writes still queued when a driver was killed would otherwise be lost for good, since the trial does
-# not train those epochs again. The driver logs those the trial's run does not have yet.
-REPLAY_KEY = "replay"
-
+from sbn_study.protocol import TrialStatus
+from sbn_study.store.uri import is_remote_store
 
 # The run id of a trial run whose opening is still buffered; its writes are sent under the real id later.
 STAND_IN_PREFIX = "pending:"
@@ -51,60 +39,6 @@ FLUSH_RETRY_S = 1.0
 OPEN_WAIT_S = 5.0
 # How long stopping the writer waits for the write it is in (each request is bounded by the HTTP timeout).
 CLOSE_WAIT_S = 30.0
-
-
-def default_tracking_uri(output: Path) -> str:
-    return f"sqlite:///{(output / 'mlflow.db').resolve()}"
-
-
-def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None, output: Path) -> str:
-    """--tracking-uri, then MLFLOW_TRACKING_URI, then the spec's tracking.uri, then sqlite under the output."""
-    for source, uri in (
-        ("--tracking-uri", cli_uri),
-        ("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")),
-        ("tracking.uri", spec_uri),
-    ):
-        if uri:
-            # MLflow 3 refuses new runs in a plain folder (its file store is in maintenance mode), deep inside
-            # the first call; a Windows drive letter parses as a one-letter scheme.
-            if len(urlsplit(uri).scheme) <= 1 or uri.startswith("file:"):
-                raise UserError(
-                    f"{source}: MLflow does not keep runs in a plain folder; give a database "
-                    f"(sqlite:///PATH/mlflow.db) or a server (http://HOST:5000), got {redact_uri(uri)}"
-                )
-            return uri
-    return default_tracking_uri(output)
-
-
-# scheme://user:password@ — the user-info part of any URI, wherever it stands in a text.
-_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s'\"]*@")
-
-
-def redact_uri(text: str) -> str:
-    """Drops user:password@ from every URI in `text` (one URI, or a whole spec), so that credentials never
-    reach logged params, tags, artifacts or messages."""
-    return _USER_INFO.sub(r"\g<scheme>", text)
-
-
-def is_remote_store(uri: str) -> bool:
-    return urlsplit(uri).scheme in ("http", "https", "databricks")
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fails before anything starts when an HTTP tracking server does not answer."""
-    if not is_remote_store(uri) or uri.startswith("databricks"):
-        return
-    import urllib.request
-
-    health = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(health, timeout=timeout_s):
-            return
-    except Exception as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(
-            f"tracking.uri: cannot reach the MLflow server at {redact_uri(uri)} ({reason})"
-        ) from None
 
 
 def _client(uri: str) -> Any:
@@ -132,13 +66,6 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
         None if artifact_root is None or is_remote_store(uri) else (artifact_root / name).resolve().as_uri()
     )
     return client.create_experiment(name, artifact_location=location)
-
-
-def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a Tune result worth recording: the per-epoch metrics and the feature statistics."""
-    metrics = {k: float(result[k]) for k in EPOCH_METRICS if k in result}
-    metrics.update((k, float(v)) for k, v in result.items() if k.startswith(FEATURE_PREFIX))
-    return metrics
 
 
 def _save_when_exiting(tracker_ref: weakref.ref[StudyTracker]) -> None:
@@ -264,13 +191,14 @@ class StudyTracker:
         with self._changed:
             self._queue("tags", self._runs[trial_id], {"tags": dict(tags)})
 
-    def finish_trial(self, trial_id: str, status: str) -> None:
-        mlflow_status = {"error": "FAILED", "killed": "KILLED"}.get(status, "FINISHED")
+    def finish_trial(self, trial_id: str, status: TrialStatus | str) -> None:
+        status = TrialStatus(status)
+        mlflow_status = status.mlflow_status
         with self._changed:
             run_id = self._runs.get(trial_id)
             if run_id is None:
                 return
-            self._queue("tags", run_id, {"tags": {"sbn.status": status}})
+            self._queue("tags", run_id, {"tags": {"sbn.status": status.value}})
             self._queue("end", run_id, {"status": mlflow_status})
 
     def finish_study(self, status: str) -> None:

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbn_study.config import TrialConfig
-from sbn_study.data import DeviceLoader, ImageDataset, Split, load_dataset
 from sbn_study.errors import UserError
-from sbn_study.featstats import measure_feature_stats
-from sbn_study.models import create_model_from_config
-from sbn_study.norms import norm_parameters
+from sbn_study.spec.config import TrialConfig
+from sbn_study.trial.data import DeviceLoader, ImageDataset, Split, load_dataset
+from sbn_study.trial.featstats import measure_feature_stats
+from sbn_study.trial.models import create_model_from_config
+from sbn_study.trial.norms import norm_parameters
 
 Metrics = dict[str, float]
 Checkpoint = dict[str, Any]
