@@ -1,4 +1,4 @@
-"""The benchmark runner: its table formatting, and a smoke run of two benchmarks as a user starts them."""
+"""The benchmark runner: its table formatting, and a smoke run of some benchmarks as a user starts them."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_unknown_benchmark_is_refused() -> None:
 @pytest.mark.slow
 def test_quick_run_prints_a_table_and_a_verdict_per_benchmark() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "sbn_layer", "gpu_share", "data", "--quick"],
+        [sys.executable, "-m", "benchmarks", "validate", "sbn_layer", "gpu_share", "data", "--quick"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -43,6 +43,7 @@ def test_quick_run_prints_a_table_and_a_verdict_per_benchmark() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for heading, column in (
+        ("## validate (target:", "| command"),
         ("## sbn_layer (target:", "| shape"),
         ("## gpu_share (target:", "| trials at once"),
         ("## data (target:", "| pipeline"),

@@ -99,6 +99,25 @@ def test_importing_the_cli_stays_light() -> None:
     assert done.stdout == "[]\n"
 
 
+def test_validate_and_help_import_nothing_heavy(tmp_path: Path) -> None:
+    """`validate` (of a study spec and of a final-training config) and `--help` answer before torch could
+    even be imported: the spec checks read architectures and norm kinds from the catalog."""
+    final = tmp_path / "final.yaml"
+    final.write_text('model: {arch: resnet20}\nnorm: {kind: 2bn, placement: "23"}\ntrain: {epochs: 3}\n')
+    heavy = ("torch", "ray", "mlflow", "optuna", "pandas")
+    code = f"""
+import contextlib, io, sys
+from sbn_study.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [main(["validate", "search_spaces/cifar100.yaml"]), main(["validate", {str(final)!r}]), main(["--help"])]
+print(codes, [m for m in {heavy!r} if m in sys.modules])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout == "[0, 0, 0] []\n", done.stderr
+
+
 def test_warnings_go_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, GOOD)
     code = cli.main(

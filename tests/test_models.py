@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from sbn_study.errors import UserError
+from sbn_study.spec.catalog import ARCHITECTURES
 from sbn_study.spec.config import ModelConfig, NormConfig
-from sbn_study.trial.models import ARCHS, create_model, create_model_from_config
+from sbn_study.trial.models import create_model, create_model_from_config
 from sbn_study.trial.norms import norm_sites
 from sbn_study.trial.sbn import SpectralBatchNorm2d
 
@@ -38,19 +39,19 @@ def _count(model: nn.Module, kind: type[nn.Module]) -> int:
 
 
 def test_every_arch_has_a_site_table() -> None:
-    assert set(SITES_PER_STAGE) == set(ARCHS)
+    assert set(SITES_PER_STAGE) == set(ARCHITECTURES)
     for arch, sites in SITES_PER_STAGE.items():
-        assert len(sites) == ARCHS[arch] + 1, arch
+        assert len(sites) == ARCHITECTURES[arch].stages + 1, arch
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_arch_forward_and_sbn_counts(arch: str) -> None:
     sites = SITES_PER_STAGE[arch]
     model = create_model(arch, 7, "sbn", "all")
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert _count(model, SpectralBatchNorm2d) == _count(model, nn.BatchNorm2d) == sum(sites)
 
-    placement = DEEP_PLACEMENT[ARCHS[arch]]
+    placement = DEEP_PLACEMENT[ARCHITECTURES[arch].stages]
     placed = sum(sites[int(stage)] for stage in placement)
     model = create_model(arch, 7, "sbn", placement)
     assert _count(model, SpectralBatchNorm2d) == placed
@@ -157,7 +158,10 @@ def test_invalid_placement_and_kind_surface_as_user_errors() -> None:
     assert str(info.value) == "norm.placement: stage 4 does not exist in resnet20 (stages 1-3)"
     with pytest.raises(UserError) as info:
         create_model("resnet20", 10, "xyz", "none")
-    assert str(info.value) == "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, gn, iebn, none, sbn"
+    assert str(info.value) == (
+        "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, bnscale, gn, iebn, none, sbn, sbn_center, "
+        "sbn_noaffine, sbn_nospike, sbn_var, scale, spike"
+    )
 
 
 def test_create_model_from_config_passes_the_arch_options() -> None:

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from sbn_study.spec import Distribution, SpecError, StudySpec, load_spec, spec_from_dict
+from sbn_study.spec.catalog import ARCHITECTURES, NORM_KINDS
 from sbn_study.spec.config import TrialConfig
-from sbn_study.trial.models import ARCHS
-from sbn_study.trial.norms import NORM_KINDS
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -104,7 +103,7 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "unknown arch",
         {"model": {"arch": "resnet19"}},
-        [f"model.arch: expected one of {', '.join(ARCHS)}, got 'resnet19'"],
+        [f"model.arch: expected one of {', '.join(ARCHITECTURES)}, got 'resnet19'"],
     ),
     (
         "unknown norm kind",
@@ -292,7 +291,7 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "searched arch unknown",
         space(model__arch={"choice": ["tiny", "resnet19"]}),
-        [f"search.space.model.arch: choice: expected one of {', '.join(ARCHS)}, got 'resnet19'"],
+        [f"search.space.model.arch: choice: expected one of {', '.join(ARCHITECTURES)}, got 'resnet19'"],
     ),
     (
         "searched placement outside the arch",
@@ -381,7 +380,7 @@ def test_all_errors_are_reported_at_once() -> None:
         "data.bogus: unknown key",
         "search.num_samples: must be >= 1, got 0",
         "search.space.norm.epsilon: not a key of the base configuration (did you mean norm.eps?)",
-        f"model.arch: expected one of {', '.join(ARCHS)}, got 'resnet19'",
+        f"model.arch: expected one of {', '.join(ARCHITECTURES)}, got 'resnet19'",
     ]
 
 
