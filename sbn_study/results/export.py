@@ -20,6 +20,7 @@ import yaml
 from sbn_study.errors import UserError
 from sbn_study.spec import Mode, load_trial_config
 from sbn_study.spec.config import Strict, TrialConfig
+from sbn_study.spec.loader import dump_yaml
 from sbn_study.store.uri import redact_uri
 
 
@@ -103,7 +104,7 @@ def export_best(
         config = TrialConfig.model_validate(yaml.safe_load(text))
         path = out_dir / f"{study}-top{rank}-{row['trial_id']}.yaml"
         document = {**config.model_dump(mode="json"), "provenance": provenance.model_dump(mode="json")}
-        path.write_text(_header(provenance, path) + yaml.safe_dump(document, sort_keys=False))
+        path.write_text(_header(provenance, path) + dump_yaml(document))
         exported.append(Exported(path, provenance))
     return exported
 

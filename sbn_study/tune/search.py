@@ -1,6 +1,12 @@
-"""The spec's search section → an Optuna sampler driven through Ray Tune's `OptunaSearch`, and a scheduler.
+"""The spec's search section → an Optuna study that Ray Tune drives through `StudySearch`, and a scheduler.
 
-Two things differ from the stock integration, on purpose:
+`StudySearch` is a plain `ray.tune.search.Searcher` that owns its Optuna study and talks to it only through
+Optuna's public ask-and-tell interface. It used to subclass Tune's `OptunaSearch` and read and write that
+class's private fields (`_ot_study`, `_ot_trials`, `_completed_trials`), which a Ray upgrade can rename or
+re-purpose without a word; the two public interfaces it relies on now are Tune's `Searcher` hooks and
+Optuna's `Study.ask`/`Study.tell`/`Trial.report`.
+
+What differs from the stock integration, on purpose:
 - intermediate values are reported to Optuna at step = epoch (not Tune's iteration counter), and
 - a trial that the scheduler stopped before the full budget is told to Optuna as PRUNED (with its
   per-epoch values), not as COMPLETE with its early score. TPE then ranks it by how far it got instead of
@@ -11,11 +17,14 @@ Two things differ from the stock integration, on purpose:
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
+from sbn_study.protocol import EPOCH_KEY, TrialStatus, ended_status
 from sbn_study.spec import StudySpec, sampling_order
 
 
@@ -118,50 +127,101 @@ def suggest(trial: Any, key: str, dist: Any) -> Any:
     raise ValueError(f"unknown distribution {kind!r}")  # the spec schema makes this unreachable
 
 
-class StudySearch(OptunaSearch):
-    """OptunaSearch that reports per-epoch values and tells scheduler-stopped trials as PRUNED."""
+# The tag on each Optuna trial naming its Tune trial: the study itself then says which trial is which,
+# in the searcher's saved state too.
+TUNE_TRIAL_ID_ATTR = "tune_trial_id"
+
+# How a trial that ended by itself or by the scheduler is told to Optuna: the same classification as its
+# MLflow `sbn.status`, so that the sampler and the record cannot disagree.
+_TOLD_AS = {
+    TrialStatus.COMPLETED: TrialState.COMPLETE,
+    TrialStatus.DIVERGED: TrialState.COMPLETE,  # with the worst value: the sampler avoids its region
+    TrialStatus.STOPPED_EARLY: TrialState.PRUNED,
+}
+
+
+class StudySearch(Searcher):
+    """Tune searcher over an Optuna study it owns: asks it for each trial's parameters, reports each epoch's
+    value, and tells it how each trial ended (see the module docstring)."""
 
     def __init__(self, spec: StudySpec) -> None:
-        self.objectives = spec.search.metrics
-        self.max_budget = spec.max_budget
-        self._reported_steps: dict[str, int] = {}  # trial id → last epoch told to its Optuna trial
-        single = len(self.objectives) == 1
+        self._metrics, self._max_budget = list(spec.search.metrics), spec.max_budget
+        single = len(self._metrics) == 1
         super().__init__(
-            space=SearchSpace(spec),
-            metric=self.objectives[0] if single else self.objectives,
-            mode=spec.search.modes[0] if single else spec.search.modes,
-            sampler=make_sampler(spec),
+            metric=self._metrics[0] if single else self._metrics,
+            mode=spec.search.modes[0] if single else list(spec.search.modes),
         )
+        self._space = SearchSpace(spec)
+        self._study = optuna.create_study(
+            sampler=make_sampler(spec),
+            # Tune's scheduler decides which trials stop; an Optuna pruner would be a second, unheard opinion.
+            pruner=optuna.pruners.NopPruner(),
+            directions=["maximize" if mode == "max" else "minimize" for mode in spec.search.modes],
+        )
+        self._running: dict[str, optuna.Trial] = {}  # Tune trial id → its Optuna trial, until told
+        self._last_step: dict[str, int] = {}  # Tune trial id → last epoch reported to its Optuna trial
+
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study: every trial asked so far, each tagged with its Tune trial id."""
+        return self._study
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        if trial_id not in self._running:
+            trial = self._study.ask()
+            trial.set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
+            self._running[trial_id] = trial
+        # Asking the space again of the same Optuna trial returns what it sampled the first time.
+        return self._space(self._running[trial_id])
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self._completed_trials:
-            self._report(trial_id, result)
-
-    def _report(self, trial_id: str, result: dict) -> None:
-        """Tells the Optuna trial its value at step = epoch, once per epoch (single objective only: Optuna
-        keeps intermediate values for those alone)."""
-        if len(self.objectives) > 1 or self.objectives[0] not in result or trial_id not in self._ot_trials:
-            return
-        value, step = result[self.objectives[0]], int(result["epoch"])
-        if math.isfinite(value) and step > self._reported_steps.get(trial_id, -1):
-            self._ot_trials[trial_id].report(value, step)
-            self._reported_steps[trial_id] = step
+        self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
+        if trial_id not in self._running:
+            return  # told already, or sampled after the state a resumed study started from
         # Tune hands the result a scheduler stopped the trial on to this method alone, not to
         # on_trial_result: without it a trial stopped at its first rung would reach Optuna with no value.
         if result and not error:
             self._report(trial_id, result)
-        ot_trial = self._ot_trials[trial_id]
-        values = [result.get(m) for m in self.objectives] if result else [None]
+        trial = self._running.pop(trial_id)
+        self._last_step.pop(trial_id, None)
+        values = [result.get(m) for m in self._metrics] if result else [None]
         if error or any(v is None for v in values):
-            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
-        elif not result.get("diverged") and result.get("epoch", 0) < self.max_budget:
-            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+            self._study.tell(trial, state=TrialState.FAIL)
+            return
+        state = _TOLD_AS[ended_status(result, self._max_budget)]
+        if state == TrialState.PRUNED:
+            self._study.tell(trial, state=state)  # Optuna takes its last intermediate value as its value
         else:
-            self._ot_study.tell(
-                ot_trial, values[0] if len(values) == 1 else values, state=TrialState.COMPLETE
-            )
-        self._completed_trials.add(trial_id)
+            self._study.tell(trial, values[0] if len(values) == 1 else values, state=state)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        """Tells the Optuna trial its value at step = epoch, once per epoch (single objective only: Optuna
+        keeps intermediate values for those alone)."""
+        if len(self._metrics) > 1 or trial_id not in self._running or EPOCH_KEY not in result:
+            return
+        value, step = result.get(self._metrics[0]), int(result[EPOCH_KEY])
+        # A non-finite value is a diverged trial's stand-in, not a measurement; a step seen before is the
+        # result Tune hands again when the trial ends.
+        if value is not None and math.isfinite(value) and step > self._last_step.get(trial_id, -1):
+            self._running[trial_id].report(value, step)
+            self._last_step[trial_id] = step
+
+    def get_state(self) -> dict[str, Any]:
+        """The study (trials, intermediate values, the sampler with its random state) and the trials not told
+        yet, which a resumed Tune continues under the same ids."""
+        return {"study": self._study, "running": self._running, "last_step": self._last_step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._study, self._running, self._last_step = state["study"], state["running"], state["last_step"]
+
+    # Tune saves the searcher beside its experiment state through these two (SearchGenerator.save_to_dir),
+    # and `Tuner.restore` hands the newest file back: one pickle, so the running trials keep their study.
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.get_state(), file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.set_state(pickle.load(file))
