@@ -55,11 +55,21 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+class _SpecDumper(yaml.SafeDumper):
+    """Quotes every string the spec loader would read as something else: a Tune trial id such as `1e999999`
+    is a float (inf) to the loader's YAML 1.2 rule, which plain `safe_dump` leaves unquoted."""
+
+
+_SpecDumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+def dump_yaml(document: Any) -> str:
+    """YAML that `load_spec`/`load_trial_config` read back as the same values."""
+    return yaml.dump(document, Dumper=_SpecDumper, sort_keys=False)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
