@@ -21,7 +21,22 @@ from sbn_study.trial.sbn import SpectralBatchNorm2d
 
 
 def test_norm_kinds_are_the_registry_keys_sorted() -> None:
-    assert NORM_KINDS == ("2bn", "bgn", "bn", "gn", "iebn", "none", "sbn")
+    assert NORM_KINDS == (
+        "2bn",
+        "bgn",
+        "bn",
+        "bnscale",
+        "gn",
+        "iebn",
+        "none",
+        "sbn",
+        "sbn_center",
+        "sbn_noaffine",
+        "sbn_nospike",
+        "sbn_var",
+        "scale",
+        "spike",
+    )
     for kind in NORM_KINDS:
         assert callable(get_norm_layer(kind))
 
@@ -29,7 +44,10 @@ def test_norm_kinds_are_the_registry_keys_sorted() -> None:
 def test_unknown_norm_kind_lists_the_known_ones() -> None:
     with pytest.raises(UserError) as info:
         get_norm_layer("xyz")
-    assert str(info.value) == "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, gn, iebn, none, sbn"
+    assert str(info.value) == (
+        "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, bnscale, gn, iebn, none, sbn, sbn_center, "
+        "sbn_noaffine, sbn_nospike, sbn_var, scale, spike"
+    )
 
 
 def test_sbn_is_a_plain_bn_followed_by_the_configured_sbn() -> None:

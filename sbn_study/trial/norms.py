@@ -11,7 +11,12 @@ The `NormConfig` hyperparameters (eps, momentum, affine, ...) apply only to the 
 - `gn`: the GroupNorm (eps, affine, groups; it has no running statistics, so no momentum);
 - `bgn`: the Batch Group Norm (eps, momentum, affine, groups);
 - `iebn`: Instance Enhancement BN (eps, momentum, affine), a BN with a per-sample channel gate;
-- `none`: nothing (an identity), so the site has no normalization at all.
+- `none`: nothing (an identity), so the site has no normalization at all;
+- `scale`: the BatchNorm (eps, momentum, affine), times the fixed gain `fft_norm` implies at the site;
+- `bnscale`: the BatchNorm (eps, momentum), its γ starting at that gain; `affine: false` is an error;
+- `sbn_nospike`, `spike`, `sbn_center`, `sbn_var`: as `sbn`, with that SBN ablation in the SBN's place;
+- `sbn_noaffine`: as `sbn` with the SBN's affine off, whatever `affine` says.
+The ablations are `sbn_study.trial.sbn_ablations`.
 For `gn` and `bgn`, `groups` is clamped to the largest divisor of the site's width that does not exceed it.
 """
 
@@ -19,14 +24,24 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sbn_study.errors import UserError
+from sbn_study.spec.catalog import NORM_KINDS, parse_placement
 from sbn_study.spec.config import NormConfig
 from sbn_study.trial.sbn import SpectralBatchNorm2d
+from sbn_study.trial.sbn_ablations import (
+    FixedScaleBatchNorm2d,
+    LearnedScaleBatchNorm2d,
+    SpectralCenterOnly2d,
+    SpectralDivideOnly2d,
+    SpectralNoSpike2d,
+    SpectralSpikeOnly2d,
+)
 
 NormFactory = Callable[[int, NormConfig], nn.Module]
 
@@ -124,8 +139,10 @@ def _bn(num_features: int, cfg: NormConfig) -> nn.Module:
     return nn.BatchNorm2d(num_features, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine)
 
 
-def _sbn(num_features: int, cfg: NormConfig) -> nn.Module:
-    spectral = SpectralBatchNorm2d(
+def _sbn(
+    num_features: int, cfg: NormConfig, layer: type[SpectralBatchNorm2d] = SpectralBatchNorm2d
+) -> nn.Module:
+    spectral = layer(
         num_features,
         eps=cfg.eps,
         momentum=cfg.momentum,
@@ -160,6 +177,24 @@ def _none(num_features: int, cfg: NormConfig) -> nn.Module:
     return nn.Identity()
 
 
+def _scale(num_features: int, cfg: NormConfig) -> nn.Module:
+    return FixedScaleBatchNorm2d(
+        num_features, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine, fft_norm=cfg.fft_norm
+    )
+
+
+def _bnscale(num_features: int, cfg: NormConfig) -> nn.Module:
+    if not cfg.affine:
+        raise UserError(
+            "norm.affine: bnscale learns its downscale as the BatchNorm's γ, so it needs affine: true"
+        )
+    return LearnedScaleBatchNorm2d(num_features, eps=cfg.eps, momentum=cfg.momentum, fft_norm=cfg.fft_norm)
+
+
+def _sbn_noaffine(num_features: int, cfg: NormConfig) -> nn.Module:
+    return _sbn(num_features, cfg.model_copy(update={"affine": False}))
+
+
 _REGISTRY: dict[str, NormFactory] = {
     "bn": _bn,
     "sbn": _sbn,
@@ -168,9 +203,14 @@ _REGISTRY: dict[str, NormFactory] = {
     "bgn": _bgn,
     "iebn": _iebn,
     "none": _none,
+    "scale": _scale,
+    "bnscale": _bnscale,
+    "sbn_nospike": partial(_sbn, layer=SpectralNoSpike2d),
+    "spike": partial(_sbn, layer=SpectralSpikeOnly2d),
+    "sbn_center": partial(_sbn, layer=SpectralCenterOnly2d),
+    "sbn_var": partial(_sbn, layer=SpectralDivideOnly2d),
+    "sbn_noaffine": _sbn_noaffine,
 }
-
-NORM_KINDS: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 # The leaf modules that normalize: feature statistics hook them, weight decay may skip their parameters.
 NORM_MODULE_TYPES: tuple[type[nn.Module], ...] = (
@@ -189,26 +229,6 @@ def get_norm_layer(kind: str) -> NormFactory:
         raise UserError(f"norm.kind: unknown norm {kind!r}; known: {', '.join(NORM_KINDS)}") from None
 
 
-def parse_placement(placement: str, num_stages: int, arch: str) -> frozenset[int]:
-    """The stages a placement names, in the paper's notation: stage digits in any order ("34" = SBN34,
-    counted from 1), "all" (every stage and the stem, stage 0) or "none". `arch` only names the model in
-    errors.
-    """
-    if placement == "none":
-        return frozenset()
-    if placement == "all":
-        return frozenset(range(num_stages + 1))
-    if not placement or not all(ch in "0123456789" for ch in placement):
-        raise UserError(
-            f'norm.placement: expected stage digits like "34", "all" or "none", got "{placement}"'
-        )
-    stages = frozenset(int(ch) for ch in placement)
-    for stage in sorted(stages):
-        if not 1 <= stage <= num_stages:
-            raise UserError(f"norm.placement: stage {stage} does not exist in {arch} (stages 1-{num_stages})")
-    return stages
-
-
 class NormPlacement:
     """The `norm_layer(num_features, stage)` a model receives: `cfg.kind` at the placed stages, plain BN
     elsewhere. Constructing it validates both the kind and the placement, before any layer is built.
@@ -222,7 +242,9 @@ class NormPlacement:
 
     def __call__(self, num_features: int, stage: int) -> nn.Module:
         if not 0 <= stage <= self.num_stages:
-            raise ValueError(f"stage {stage} outside 0-{self.num_stages}: the model disagrees with ARCHS")
+            raise ValueError(
+                f"stage {stage} outside 0-{self.num_stages}: the model disagrees with its catalog entry"
+            )
         if stage in self.stages:
             return self.factory(num_features, self.cfg)
         return nn.BatchNorm2d(num_features)

@@ -25,13 +25,16 @@ actually pools; the paper's Algorithm 1 writes n = C·H·W/2 instead, which is n
 
 Everything runs in float32 at least, even under autocast, since FFTs of half-precision inputs do not exist:
 half and bfloat16 inputs are upcast and the output is cast back to the input's dtype.
+
+The ablations of `sbn_study.trial.sbn_ablations` are subclasses that drop terms of the same closed form
+(`Terms`): both forms and the hand-written backward take the terms, so each ablation is exact in both.
 """
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +45,20 @@ Impl = Literal["auto", "fft"]
 
 FFT_NORMS: tuple[str, ...] = ("backward", "ortho", "forward")
 IMPLS: tuple[str, ...] = ("auto", "fft")
+
+
+class Terms(NamedTuple):
+    """Which terms of y = a·x + Re(c)·P_re + Im(c)·P_im a layer keeps; all of them make SBN.
+
+    s = gamma·(1/sqrt(var + eps) if divide else 1) and c = (beta if shift) - (s·mu if center), i.e. in the
+    spectrum Y = a·X + beta - s·mu with the dropped terms left out. The statistics and their running averages
+    are SBN's in every case, used or not, so an ablation's buffers are SBN's.
+    """
+
+    divide: bool = True  # s divides by the spectral standard deviation
+    center: bool = True  # c subtracts s·mu: the mean's part of the additive map
+    rescale: bool = True  # a = s; without it a = 1 and x passes unscaled, plus the additive map alone
+    shift: bool = True  # beta is learned (with affine) and added to c
 
 
 class _Constants(NamedTuple):
@@ -209,7 +226,7 @@ class _ClosedForm(torch.autograd.Function):
     """SBN in the spatial domain with a hand-written backward.
 
     Forward inputs: x (N×C×H×W, float32/64, NCHW- or channels-last-contiguous), weight and bias (C or None),
-    mean (C×2 [Re, Im]) and var (C) of the running statistics, or None for batch statistics.
+    mean (C×2 [Re, Im]) and var (C) of the running statistics, or None for batch statistics, and the terms.
     Outputs: y, and the batch mean (C×2) and biased variance (C) that the running statistics are updated with.
     """
 
@@ -223,6 +240,7 @@ class _ClosedForm(torch.autograd.Function):
         var: Tensor | None,
         eps: float,
         consts: _Constants,
+        terms: Terms,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, w = x.shape[0], x.shape[-1]
         y = torch.empty_like(x)
@@ -236,14 +254,17 @@ class _ClosedForm(torch.autograd.Function):
             # E|X|² - |mu|² may round below zero when |mu|² dominates; the true value never is.
             var = second_moment.sub_(mean.square().sum(1)).clamp_min_(0)
         inv_std = (var + eps).rsqrt()
-        scale = inv_std if weight is None else weight * inv_std
+        gain = inv_std if terms.divide else torch.ones_like(inv_std)
+        scale = gain if weight is None else weight * gain
+        x_scale = scale if terms.rescale else torch.ones_like(scale)
         # The spike of c = beta - s·mu: -s·(mu @ spike) + beta ⊗ spike[0].
-        row0 = (mean @ consts.spike).mul_(-scale[:, None])
+        row0 = (mean @ consts.spike).mul_(-scale[:, None]) if terms.center else x.new_zeros(len(scale), w)
         if bias is not None:
             row0.addr_(bias, consts.spike[0])
-        torch.addcmul(_row0_map(x, row0), x, scale[:, None, None], out=y)
-        ctx.save_for_backward(x, mean, inv_std, scale)
+        torch.addcmul(_row0_map(x, row0), x, x_scale[:, None, None], out=y)
+        ctx.save_for_backward(x, mean, gain, scale, x_scale)
         ctx.consts = consts  # type: ignore[attr-defined]
+        ctx.terms = terms  # type: ignore[attr-defined]
         ctx.batch_stats = batch_stats  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean, var)
         # The statistics are never differentiated: no zero gradients need to be made for them.
@@ -256,9 +277,10 @@ class _ClosedForm(torch.autograd.Function):
         ctx: Any, grad_y: Tensor | None, _grad_mean: Tensor | None, _grad_var: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         if grad_y is None:
-            return (None,) * 7
-        x, mean, inv_std, scale = ctx.saved_tensors
+            return (None,) * 8
+        x, mean, gain, scale, x_scale = ctx.saved_tensors
         consts: _Constants = ctx.consts
+        terms: Terms = ctx.terms
         batch_stats: bool = ctx.batch_stats
         n, w = x.shape[0], x.shape[-1]
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -270,31 +292,41 @@ class _ClosedForm(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if need_bias:
             grad_bias = grad_shift[:, 0]
-        if need_weight or (need_x and batch_stats):
-            grad_scale = _channel_dot(grad_y, x) - (grad_shift * mean).sum(1)
+        if need_weight or (need_x and batch_stats and terms.divide):
+            # dL/ds, through a·x and through c's -s·mu, where the terms have them.
+            grad_scale = _channel_dot(grad_y, x) if terms.rescale else torch.zeros_like(scale)
+            if terms.center:
+                grad_scale -= (grad_shift * mean).sum(1)
             if need_weight:
-                grad_weight = grad_scale * inv_std
+                grad_weight = grad_scale * gain
         if need_x and not batch_stats:
-            grad_x = grad_y * scale[:, None, None]
+            grad_x = grad_y * x_scale[:, None, None]
         elif need_x:
-            # dL/dx = s·dL/dy + (dL/dmu / N)·mean_weights on row 0 + coef·(W·x + Σ_k projection_k·basis_k), the
+            # dL/dx = a·dL/dy + (dL/dmu / N)·mean_weights on row 0 + coef·(W·x + Σ_k projection_k·basis_k), the
             # last the derivative of E|X|² with coef = 2·energy/N · dL/dvar. With g = dL/ds·inv_std²,
-            # dL/dvar = -s·g/2 and dL/dmu = s·(g·mu - dL/dc).
-            g = grad_scale * inv_std.square()
-            grad_mean_row = (mean * g[:, None] - grad_shift) @ consts.mean_weights
-            row0 = _row0_map(x, grad_mean_row.mul_((scale / n)[:, None]))
-            coef = g.mul_(scale).mul_(-consts.energy / n)
-            if not _channels_last(x) and consts.gram.shape[0] <= DENSE_ROW:
+            # dL/dvar = -s·g/2 and dL/dmu = s·(g·mu - dL/dc): the variance's part only where s divides by it,
+            # the additive map's only where c holds -s·mu.
+            if terms.divide:
+                g = grad_scale * gain.square()
+                grad_mean = mean * g[:, None]
+                coef = g.mul_(scale).mul_(-consts.energy / n)
+            else:
+                grad_mean = torch.zeros_like(mean)
+            if terms.center:
+                grad_mean -= grad_shift
+            row0 = _row0_map(x, (grad_mean @ consts.mean_weights).mul_((scale / n)[:, None]))
+            if terms.divide and not _channels_last(x) and consts.gram.shape[0] <= DENSE_ROW:
                 # Short rows: W·x + Σ_k projection_k·basis_k is x·gram, one GEMM straight into grad_x, which
                 # saves two passes and the projection temporary for the price of a denser GEMM.
                 grad_x = torch.mm(x.view(-1, consts.gram.shape[0]), consts.gram).view_as(x)
                 torch.addcmul(row0, grad_x, coef[:, None, None], out=grad_x)
-                grad_x.addcmul_(grad_y, scale[:, None, None])
+                grad_x.addcmul_(grad_y, x_scale[:, None, None])
             else:
-                grad_x = torch.addcmul(row0, grad_y, scale[:, None, None], out=torch.empty_like(x))
-                grad_x.addcmul_(x, (w * coef)[:, None, None])
-                _add_projection_(grad_x, _project(x, consts).mul_(coef[:, None]), consts)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+                grad_x = torch.addcmul(row0, grad_y, x_scale[:, None, None], out=torch.empty_like(x))
+                if terms.divide:
+                    grad_x.addcmul_(x, (w * coef)[:, None, None])
+                    _add_projection_(grad_x, _project(x, consts).mul_(coef[:, None]), consts)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _fft_form(
@@ -305,6 +337,7 @@ def _fft_form(
     var: Tensor | None,
     eps: float,
     fft_norm: str,
+    terms: Terms,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Algorithm 1 literally, differentiated by autograd; same contract as `_ClosedForm`."""
     spectrum = torch.fft.rfft2(x, norm=fft_norm)
@@ -314,11 +347,15 @@ def _fft_form(
         var = (deviation.real.square() + deviation.imag.square()).mean(dim=(0, 2, 3))
         mean = torch.view_as_real(center)
     else:
-        deviation = spectrum - torch.view_as_complex(mean.contiguous())[:, None, None]
-    scale = (var + eps).rsqrt()
+        center = torch.view_as_complex(mean.contiguous())
+        deviation = spectrum - center[:, None, None]
+    scale = (var + eps).rsqrt() if terms.divide else torch.ones_like(var)
     if weight is not None:
         scale = weight * scale
-    normalized = deviation * scale[:, None, None]
+    if terms.rescale:
+        normalized = (deviation if terms.center else spectrum) * scale[:, None, None]
+    else:
+        normalized = spectrum - (center * scale)[:, None, None] if terms.center else spectrum
     if bias is not None:
         normalized = normalized + bias[:, None, None]
     y = torch.fft.irfft2(normalized, s=x.shape[-2:], norm=fft_norm)
@@ -342,7 +379,11 @@ class SpectralBatchNorm2d(nn.Module):
 
     Buffers: `running_mean_real`, `running_mean_imag` (the complex running mean, init 0), `running_var`
     (init 1, unbiased with M/(M-1), M = N·H·(W//2+1) pooled bins) and `num_batches_tracked`.
+
+    A subclass that sets `terms` drops terms of the closed form; without `terms.shift` there is no bias.
     """
+
+    terms: ClassVar[Terms] = Terms()
 
     def __init__(
         self,
@@ -372,9 +413,11 @@ class SpectralBatchNorm2d(nn.Module):
         self.bias: nn.Parameter | None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
         else:
             self.register_parameter("weight", None)
+        if affine and self.terms.shift:
+            self.bias = nn.Parameter(torch.empty(num_features))
+        else:
             self.register_parameter("bias", None)
         self.running_mean_real: Tensor | None
         self.running_mean_imag: Tensor | None
@@ -401,8 +444,9 @@ class SpectralBatchNorm2d(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.weight is not None and self.bias is not None:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
@@ -443,10 +487,14 @@ class SpectralBatchNorm2d(nn.Module):
                 mean = torch.stack([self.running_mean_real, self.running_mean_imag], dim=1).to(compute_dtype)
                 var = self.running_var.to(compute_dtype)
             if self.impl == "fft":
-                y, batch_mean, batch_var = _fft_form(x, weight, bias, mean, var, self.eps, self.fft_norm)
+                y, batch_mean, batch_var = _fft_form(
+                    x, weight, bias, mean, var, self.eps, self.fft_norm, self.terms
+                )
             else:
                 consts = _constants(h, w, _block_rows(x), self.fft_norm, x.device, compute_dtype)
-                y, batch_mean, batch_var = _ClosedForm.apply(x, weight, bias, mean, var, self.eps, consts)
+                y, batch_mean, batch_var = _ClosedForm.apply(
+                    x, weight, bias, mean, var, self.eps, consts, self.terms
+                )
             if self.training and self.track_running_stats:
                 self._update_running_stats(batch_mean, batch_var, bins=n * h * (w // 2 + 1))
         return y.to(input.dtype)
