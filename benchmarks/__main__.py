@@ -20,7 +20,17 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-ORDER = ("validate", "sbn_layer", "train_step", "gpu_share", "data", "feature_stats", "tracking", "study")
+ORDER = (
+    "validate",
+    "sbn_layer",
+    "train_step",
+    "gpu_share",
+    "data",
+    "feature_stats",
+    "robustness",
+    "tracking",
+    "study",
+)
 
 # Smoke-run sizes for the modules that have no `quick` of their own; keys missing from a module are skipped.
 QUICK_CONSTANTS: dict[str, dict[str, Any]] = {
