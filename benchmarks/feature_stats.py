@@ -32,7 +32,7 @@ from sbn_study.spec.config import FeatureStatsConfig, TrialConfig
 from sbn_study.trial.data import ImageDataset, load_dataset
 from sbn_study.trial.featstats import measure_feature_stats
 from sbn_study.trial.norms import norm_sites
-from sbn_study.trial.train import _probe_batch, resolve_device, train
+from sbn_study.trial.train import probe_batch, resolve_device, train
 
 NAME = "feature_stats"
 TARGET = "≤ 3 % overhead"
@@ -113,7 +113,7 @@ def run(quick: bool = False) -> list[dict[str, object]]:
             resume=copy.deepcopy(checkpoint),
         ).model
         assert trained is not None
-        probe = _probe_batch(dataset, config.model_copy(update={"features": default}), device)
+        probe = probe_batch(dataset, config.model_copy(update={"features": default}), device)
         sites = norm_sites(trained)
         cpu_times: list[float] = []
 

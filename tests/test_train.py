@@ -12,7 +12,13 @@ import torch
 from sbn_study.errors import UserError
 from sbn_study.spec.config import TrialConfig
 from sbn_study.trial.data import load_dataset
-from sbn_study.trial.featstats import PERCENTILES, STAT_NAMES, _site_stats, measure_feature_stats
+from sbn_study.trial.featstats import (
+    MECHANISM_STATS,
+    PERCENTILES,
+    STAT_NAMES,
+    _site_stats,
+    measure_feature_stats,
+)
 from sbn_study.trial.models import create_model
 from sbn_study.trial.norms import norm_parameters, norm_sites
 from sbn_study.trial.train import lr_at, make_optimizer, train
@@ -165,7 +171,8 @@ def test_sbn_sites_have_far_smaller_feature_norm_than_the_bn_before_them() -> No
     for site in sbn_sites:
         ratio = stats[f"fm/{site}/norm"] / stats[f"fm/{site.removesuffix('.sbn')}.bn/norm"]
         assert ratio < 1.25 / side[site.split(".")[0]], (site, ratio)
-    assert len(stats) == len(norm_sites(model)) * len(STAT_NAMES)
+    # Every site's statistics, SBN's rescale and additive share at its 10 SBN sites, and the logit norm.
+    assert len(stats) == len(norm_sites(model)) * len(STAT_NAMES) + len(sbn_sites) * len(MECHANISM_STATS) + 1
 
 
 @pytest.mark.parametrize("shape", [(16, 8, 32, 32), (128, 64, 16, 16), (5, 3, 7, 9)])

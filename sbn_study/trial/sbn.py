@@ -455,6 +455,23 @@ class SpectralBatchNorm2d(nn.Module):
             f"track_running_stats={self.track_running_stats}, fft_norm={self.fft_norm}, impl={self.impl}"
         )
 
+    @torch.no_grad()
+    def effective_scale(self, input: Tensor) -> Tensor:
+        """The per-channel factor a of y = a·x + (additive map) that this layer applies to `input` with batch
+        statistics: what the feature statistics report as SBN's rescale (`sbn_study.trial.featstats`)."""
+        x = input.detach().double()
+        gamma = torch.ones(self.num_features, dtype=x.dtype, device=x.device)
+        if self.weight is not None:
+            gamma = self.weight.detach().to(x.dtype)
+        if not self.terms.rescale:
+            return torch.ones_like(gamma)
+        if not self.terms.divide:
+            return gamma
+        spectrum = torch.fft.rfft2(x, norm=self.fft_norm)
+        centered = spectrum - spectrum.mean(dim=(0, 2, 3), keepdim=True)
+        var = centered.abs().square().mean(dim=(0, 2, 3))
+        return gamma / torch.sqrt(var + self.eps)
+
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() != 4:
             raise ValueError(

@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, loader: DeviceLoader, *, amp: bool = False) -> tu
     return loss_sum.item() / n, correct.item() / n
 
 
-def _probe_batch(dataset: ImageDataset, config: TrialConfig, device: torch.device) -> torch.Tensor:
+def probe_batch(dataset: ImageDataset, config: TrialConfig, device: torch.device) -> torch.Tensor:
     # A fixed batch (the first images of the validation split, unaugmented) so that every measurement,
     # in every trial, looks at the same inputs.
     # Batch statistics need 2 images at least: a smaller validation split lends the probe training images.
@@ -155,7 +155,7 @@ def train(
         raise UserError(
             f"train.batch_size: {tc.batch_size} is larger than the {dataset.train.labels.numel()} training images"
         )
-    probe = _probe_batch(dataset, config, device) if config.features.enabled else None
+    probe = probe_batch(dataset, config, device) if config.features.enabled else None
 
     result = TrainResult(status="completed", epochs_run=0, best_val_acc=-1.0, best_epoch=0, model=model)
     start_epoch = 0
