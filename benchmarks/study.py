@@ -17,7 +17,7 @@ already imported torch and MLflow into this one, which would hide their import t
   inside it. The busy fraction counts a slowed epoch as busy; these two rows show what that hides.
 
 `run_study` starts Ray itself, as `sbn-study run` does (it creates the tracking store on a thread meanwhile);
-a wrapper around `sbn_study.study.lifecycle.start_ray` notes when Ray is up. Runs once: it is the slowest benchmark
+a wrapper around `sbn_study.study.cluster.start_ray` notes when Ray is up. Runs once: it is the slowest benchmark
 (1–2 min).
 
 Run: `python -m benchmarks study` from the repository root.
@@ -175,6 +175,7 @@ def run(quick: bool = False) -> list[dict[str, object]]:
 def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
     import ray
 
+    from sbn_study.study import cluster
     from sbn_study.study import lifecycle as study
 
     imported = time.time()
@@ -193,16 +194,16 @@ def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
             raise RuntimeError("Ray is already running in this process: its start-up could not be timed")
         # run_study starts Ray itself, overlapping it with the tracking store's creation; this wrapper only
         # notes when Ray is up.
-        start_ray = study.start_ray
+        start_ray = cluster.start_ray
         ray_up = 0.0
 
-        def timed_start_ray(run_options: Any) -> bool:
+        def timed_start_ray(target: Any) -> bool:
             nonlocal ray_up
-            started = start_ray(run_options)
+            started = start_ray(target)
             ray_up = time.time()
             return started
 
-        study.start_ray = timed_start_ray
+        cluster.start_ray = timed_start_ray
         sampler = _CpuSampler()
         sampler.start()
         t0 = time.time()
@@ -215,20 +216,17 @@ def _measure(launched_at: float, quick: bool) -> list[dict[str, object]]:
             driver_cpu = time.process_time() - driver_cpu_start
         finally:
             sampler.stop()
-            study.start_ray = start_ray
+            cluster.start_ray = start_ray
 
         # Imported only now: before the study they would take torch's and MLflow's imports out of its time.
         from mlflow.tracking import MlflowClient
 
+        from sbn_study.store.runs import trial_runs
         from sbn_study.trial.data import load_dataset
 
         client = MlflowClient(tracking_uri=uri)
         parent = client.get_run(outcome.parent_run_id)
-        children = client.search_runs(
-            [outcome.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'",
-            max_results=10000,
-        )
+        children = trial_runs(client, outcome.experiment_id, outcome.parent_run_id)
         trials = [_trial_timeline(client, run) for run in children]
     load_start = time.perf_counter()
     dataset = load_dataset(spec.data)

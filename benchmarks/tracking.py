@@ -1,6 +1,6 @@
 """MLflow logging cost per Tune result on a sqlite store, as Tune's event loop pays it and as the driver pays it.
 
-`StudyTracker.log_metrics` appends the result to a queue that a writer thread of the driver sends as one
+`RunWriter.log_metrics` appends the result to a queue that a writer thread of the driver sends as one
 batched `log_batch` of the result's meaningful metrics. So the figure that matters for Tune, the time the call
 holds the caller (Tune's event loop), is the append alone; the MLflow cost does not vanish, it moves to the
 writer thread, whose CPU time per result stands beside it. Side by side, on the caller:
@@ -37,7 +37,8 @@ import torch
 
 from sbn_study.protocol import EPOCH_METRICS, result_metrics
 from sbn_study.spec import load_spec
-from sbn_study.store.tracker import StudyTracker, ensure_experiment
+from sbn_study.store.record import StudyRecord
+from sbn_study.store.runs import ensure_experiment
 from sbn_study.trial.featstats import measure_feature_stats
 from sbn_study.trial.models import create_model_from_config
 
@@ -116,23 +117,25 @@ def run(quick: bool = False) -> list[dict[str, object]]:
         root = Path(folder)
         uri = f"sqlite:///{root / 'mlflow.db'}"
         experiment_id = ensure_experiment(uri, "bench-tracking", root / "artifacts")
-        tracker = StudyTracker.start(uri, experiment_id, "bench-tracking", "parent", root / "unsent.jsonl")
+        tags = {"sbn.study": "bench-tracking", "sbn.kind": "study"}
+        record = StudyRecord.start(uri, experiment_id, "parent", tags, root / "unsent.jsonl")
+        writer = record.writer()
         for trial in samples:
-            tracker.trial_run(trial, trial, {"model.arch": "tiny"}, "model: {arch: tiny}\n", {})
-        # The synchronous patterns use a client of their own: the tracker's belongs to its writer thread.
+            writer.trial_run(trial, trial, {"model.arch": "tiny"}, "model: {arch: tiny}\n", {})
+        # The synchronous patterns use a client of their own: the writer's belongs to its thread.
         client = MlflowClient(uri)
-        on_loop_run, stock_run = tracker.run_id(ON_LOOP), tracker.run_id(STOCK)
+        on_loop_run, stock_run = writer.run_id(ON_LOOP), writer.run_id(STOCK)
         assert on_loop_run is not None and stock_run is not None
 
         def drain() -> None:
-            assert tracker.flush(deadline_s=DRAIN_DEADLINE_S), "a write failed: the figures would be wrong"
+            assert writer.flush(deadline_s=DRAIN_DEADLINE_S), "a write failed: the figures would be wrong"
 
         def ours(trial: str, step: int) -> Callable[[], None]:
             def call() -> None:
                 # Tune's loop comes to a result from `ray.wait`, which lets go of the GIL: taking it back from
                 # a busy writer is part of what the result costs the loop.
                 time.sleep(0)
-                tracker.log_metrics(trial, metrics, step)
+                writer.log_metrics(trial, metrics, step)
 
             return call
 
@@ -148,7 +151,7 @@ def run(quick: bool = False) -> list[dict[str, object]]:
         # First writes create tables' pages and warm SQLAlchemy (and start the writer): not per-result cost.
         for step in (1, 2):
             for trial in (SPACED, BUSY):
-                tracker.log_metrics(trial, metrics, step)
+                writer.log_metrics(trial, metrics, step)
             on_loop(step)
             stock(step)
         drain()
@@ -161,8 +164,7 @@ def run(quick: bool = False) -> list[dict[str, object]]:
                 _timed_calls(samples[SPACED], [ours(SPACED, step)], drain)
                 _timed_calls(samples[ON_LOOP], [lambda step=step: on_loop(step)], lambda: None)
                 _timed_calls(samples[STOCK], [lambda step=step: stock(step)], lambda: None)
-        tracker.finish_study("FINISHED")
-        assert tracker.pending == 0, "a write failed: the figures would not be what they say"
+        assert record.finish("FINISHED") == 0, "a write failed: the figures would not be what they say"
 
     spaced_ms = 1e3 * statistics.median(samples[SPACED].loop)
     rows: list[dict[str, object]] = []

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 GOOD = """\
 name: cli-test
+data: {val_size: 512}
 model: {arch: tiny}
 norm: {placement: "23"}
 train: {epochs: 4}
@@ -27,7 +28,7 @@ BROKEN = """\
 name: cli-test
 model: {arch: resnet20}
 norm: {placement: "4", fft_norm: sideways}
-data: {bogus: 1}
+data: {bogus: 1, val_size: 512}
 search:
   num_samples: 2
   space:
@@ -67,6 +68,36 @@ def test_broken_spec_lists_every_error_without_a_traceback(tmp_path: Path) -> No
         "error: search.space.norm.eps: loguniform needs 0 < low < high, got [0.01, 1e-06]",
         "error: norm.placement: stage 4 does not exist in resnet20 (stages 1-3)",
     ]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_is_ok_without_a_warning(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["validate", str(path)])
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "") and out.startswith("ok: ")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("search.sampler.seed=-1", "search.sampler.seed: must be >= 0 and <= 4294967295, got -1"),
+        (f"name={'a' * 245}", "name: expected at most 100 characters, got 245"),
+        ("train.device=bogus", "train.device: expected auto, cpu, cuda, cuda:N or mps, got 'bogus'"),
+        ("norm.eps=.inf", "norm.eps: expected a finite number > 0, got inf"),
+        (
+            "search.space.data.dataset={choice: [cifar10, cifar100]}",
+            "search.space.data.dataset: cannot be searched: the driver loads the dataset once per study and "
+            "every trial trains on it, so each would use the base data.dataset while MLflow records the sampled "
+            "one; run one study per value instead",
+        ),
+    ],
+    ids=["seed", "name", "device", "inf", "dataset"],
+)
+def test_hostile_overrides_exit_2_with_one_line(
+    tmp_path: Path, override: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["validate", write(tmp_path, GOOD), "--set", override])
+    assert (code, capsys.readouterr().err) == (2, f"error: {expected}\n")
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:

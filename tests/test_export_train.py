@@ -57,7 +57,8 @@ def test_validate_checks_a_final_config_like_a_spec(
             for key in Provenance.model_fields
             if key != "study"
         ),
-        "error: norm.kind: expected one of 2bn, bgn, bn, gn, iebn, none, sbn, got 'foo'",
+        "error: norm.kind: expected one of 2bn, bgn, bn, bnscale, gn, iebn, none, sbn, sbn_center, sbn_noaffine, "
+        "sbn_nospike, sbn_var, scale, spike, got 'foo'",
         "error: norm.placement: stage 4 does not exist in tiny (stages 1-3)",
     ]
 

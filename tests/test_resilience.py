@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import pytest
 
 from sbn_study.cli import main
-from sbn_study.study.lifecycle import state_path
+from sbn_study.study.state import state_path
+from sbn_study.tune.search import TUNE_TRIAL_ID_ATTR
 from tests.conftest import QUICKSTART, TuneTrial, run_command, run_small_study, tune_trials
 
 T = TypeVar("T")
@@ -106,7 +107,7 @@ def study_state(output: Path, name: str = "e2e-small") -> dict[str, Any]:
 
 
 def saved_searcher(output: Path, name: str = "e2e-small") -> dict[str, Any]:
-    """The searcher state Tune saved last (OptunaSearch.save pickles the searcher's attributes, its study too)."""
+    """The searcher state Tune saved last (StudySearch.save pickles its Optuna study and its running trials)."""
     experiment = study_state(output, name)["tune_path"]
     # Tune restores the newest of these files too (Searcher.restore_from_dir): the session stamp sorts by time.
     newest = max(glob.glob(os.path.join(experiment, "searcher-state-*.pkl")))
@@ -229,7 +230,8 @@ def test_driver_killed_then_resumed_keeps_finished_trials_and_runs_nothing_twice
     # The sampler's history came back with the searcher: its Optuna study holds the trials sampled before the
     # kill, with the same parameters and numbers, and the resumed study only added trials up to num_samples.
     searcher = saved_searcher(tmp_path)
-    study, numbers = searcher["_ot_study"], {t: ot.number for t, ot in searcher["_ot_trials"].items()}
+    study = searcher["study"]
+    numbers = {t.user_attrs[TUNE_TRIAL_ID_ATTR]: t.number for t in study.trials}
     assert set(at_kill) <= set(numbers), f"the sampler forgot {set(at_kill) - set(numbers)}"
     assert sorted(numbers[t] for t in at_kill) == list(range(len(at_kill))), numbers
     for trial_id, trial in at_kill.items():
@@ -398,11 +400,10 @@ def test_diverging_trial_is_recorded_as_diverged_and_the_study_goes_on(
             "search.num_samples=3",
             "search.scheduler.type=none",
             "train.schedule=constant",
-            "search.space.train.lr={choice: [0.05, 1.0e+8]}",
-            "norm.placement=none",
-            "search.space.norm.placement=null",
-            # The sampler's first draws with this seed: lr 1e8, then 0.05 twice (seed 0 draws 1e8 three times).
-            "search.sampler.seed=3",
+            # Only lr is searched: the quick-start's norm settings would otherwise be sampled.
+            "search.space={train.lr: {choice: [0.05, 1.0e+8]}}",
+            # The sampler's first draws with this seed: lr 1e8, then 0.05 twice.
+            "search.sampler.seed=8",
         ],
     )
     assert study.outcome.status == "finished"

@@ -71,15 +71,15 @@ def test_ui_serves_the_store_on_loopback_only(tmp_path: Path) -> None:
         kill_tree(process)
 
 
-def test_embedded_ray_starts_without_a_dashboard(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_embedded_ray_starts_without_a_dashboard(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from sbn_study.study.lifecycle import RunOptions, start_ray
+    from sbn_study.study.cluster import ClusterTarget, start_ray
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    assert start_ray(RunOptions(output=tmp_path, num_cpus=2))
+    assert start_ray(ClusterTarget(num_cpus=2))
     assert calls and calls[0]["include_dashboard"] is False
 
 

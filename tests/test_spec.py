@@ -19,6 +19,7 @@ SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 # expected lines do not depend on the TrialConfig defaults.
 BASE: dict[str, Any] = {
     "name": "t",
+    "data": {"val_size": 512},
     "model": {"arch": "tiny"},
     "norm": {"kind": "sbn", "placement": "23"},
     "train": {"epochs": 4},
@@ -233,7 +234,9 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "quniform without a step",
         space(train__lr={"quniform": [0.1, 0.5, 0]}),
-        ["search.space.train.lr: quniform needs low < high and q > 0, got [0.1, 0.5, 0]"],
+        [
+            "search.space.train.lr: quniform needs low < high and a step q > 0 that divides high - low, got [0.1, 0.5, 0]"
+        ],
     ),
     (
         "floats for an integer",
@@ -522,13 +525,16 @@ def test_relative_paths_resolve_against_the_working_directory(
     (tmp_path / "specs").mkdir()
     path = tmp_path / "specs" / "s.yaml"
     path.write_text(
-        "name: t\nmodel: {arch: tiny}\nnorm: {placement: '3'}\ndata: {root: data}\nsearch: {num_samples: 1}\n"
+        "name: t\nmodel: {arch: tiny}\nnorm: {placement: '3'}\ndata: {root: data, val_size: 512}\n"
+        "search: {num_samples: 1}\n"
     )
     monkeypatch.chdir(tmp_path)
     assert load_spec(os.path.join("specs", "s.yaml")).data.root == str(tmp_path / "data")
 
 
-GOOD_YAML = "name: t\nmodel: {arch: tiny}\nnorm: {placement: '3'}\nsearch: {num_samples: 2}\n"
+GOOD_YAML = (
+    "name: t\ndata: {val_size: 512}\nmodel: {arch: tiny}\nnorm: {placement: '3'}\nsearch: {num_samples: 2}\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -547,7 +553,7 @@ GOOD_YAML = "name: t\nmodel: {arch: tiny}\nnorm: {placement: '3'}\nsearch: {num_
         (
             GOOD_YAML + "search: {num_samples: 3}\n",
             [],
-            ["{path}: not valid YAML: line 5: duplicate key 'search'"],
+            ["{path}: not valid YAML: line 6: duplicate key 'search'"],
         ),
         ("- name: t\n", [], ["{path}: expected a mapping at the top level, got list"]),
         ("", [], ["{path}: expected a mapping at the top level, got an empty document"]),
@@ -583,6 +589,14 @@ def test_shipped_specs_validate(path: Path) -> None:
     spec = load_spec(path)
     assert spec.search.space
     assert spec.warnings() == []
+
+
+def test_the_readme_example_validates_without_a_warning(tmp_path: Path) -> None:
+    readme = (SEARCH_SPACES.parent / "README.md").read_text()
+    section = readme[readme.index("## The study spec") :]
+    path = tmp_path / "spec.yaml"
+    path.write_text(section[section.index("```yaml\n") + 8 : section.index("```\n\n")])
+    assert load_spec(path).warnings() == []
 
 
 def test_quickstart_runs_on_a_cpu_without_downloads() -> None:

@@ -1,5 +1,5 @@
-"""StudyTracker on a real MLflow sqlite store (no Ray): its writer thread keeps order, never makes the caller
-wait on the store, and loses nothing while the store is away."""
+"""A study's MLflow record on a real sqlite store (no Ray): its one writer thread keeps order, never makes the
+caller wait on the store, and loses nothing while the store is away; the driver and the Tune callback share it."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import pytest
 from sbn_study import protocol
 from sbn_study.errors import UserError
 from sbn_study.spec import load_spec
-from sbn_study.store import tracker as tracking
 from sbn_study.store import uri as uri_rules
-from sbn_study.store.tracker import STAND_IN_PREFIX, StudyTracker, ensure_experiment
+from sbn_study.store import writer as writing
+from sbn_study.store.record import StudyRecord
+from sbn_study.store.runs import ensure_experiment
+from sbn_study.store.writer import STAND_IN_PREFIX, RunWriter
 from sbn_study.tune.callbacks import TrackingCallback
 from tests.conftest import QUICKSTART
 
@@ -60,33 +62,37 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return uri, ensure_experiment(uri, "tracking-test", folder / "artifacts")
 
 
-def open_tracker(store: tuple[str, str], tmp_path: Path) -> tuple[StudyTracker, GatedClient]:
+def start_record(store: tuple[str, str], tmp_path: Path) -> StudyRecord:
     uri, experiment_id = store
-    tracker = StudyTracker.start(uri, experiment_id, "tracking-test", "parent", tmp_path / "unsent.jsonl")
-    gated = GatedClient(tracker.client)
-    tracker.client = gated
-    return tracker, gated
+    tags = {"sbn.study": "tracking-test", "sbn.kind": "study"}
+    return StudyRecord.start(uri, experiment_id, "parent", tags, tmp_path / "unsent.jsonl")
 
 
-def open_trial(tracker: StudyTracker, trial_id: str) -> str:
-    return tracker.trial_run(trial_id, trial_id, {"model.arch": "tiny"}, "model: {arch: tiny}\n", {})
+def open_writer(store: tuple[str, str], tmp_path: Path) -> tuple[RunWriter, GatedClient]:
+    """The writer of a new record, its client gated: what the record and a callback set up later use."""
+    writer = start_record(store, tmp_path).writer()
+    gated = GatedClient(writer.client)
+    writer.client = gated
+    return writer, gated
 
 
-def callback_for(tracker: StudyTracker) -> TrackingCallback:
-    """The driver's Tune callback of the quick-start study, writing through `tracker`."""
-    callback = TrackingCallback(
-        load_spec(QUICKSTART), tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path
-    )
-    callback._tracker = tracker
+def open_trial(writer: RunWriter, trial_id: str) -> str:
+    return writer.trial_run(trial_id, trial_id, {"model.arch": "tiny"}, "model: {arch: tiny}\n", {})
+
+
+def callback_for(writer: RunWriter) -> TrackingCallback:
+    """The Tune callback of the quick-start study on `writer`'s record, set up as Tune sets it up."""
+    callback = TrackingCallback(load_spec(QUICKSTART), writer.handle)
+    callback.setup()
     return callback
 
 
-def steps_and_values(tracker: StudyTracker, trial_id: str, metric: str) -> list[tuple[int, float]]:
+def steps_and_values(writer: RunWriter, trial_id: str, metric: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
-    run_id = tracker.run_id(trial_id)
+    run_id = writer.run_id(trial_id)
     assert run_id is not None
-    history = MlflowClient(tracker.uri).get_metric_history(run_id, metric)
+    history = MlflowClient(writer.handle.uri).get_metric_history(run_id, metric)
     return sorted((m.step, m.value) for m in history)
 
 
@@ -99,101 +105,103 @@ def timed(call: Callable[[], object]) -> float:
 def test_results_arrive_in_order_with_their_steps(store: tuple[str, str], tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    tracker, _ = open_tracker(store, tmp_path)
-    assert not open_trial(tracker, "a").startswith(STAND_IN_PREFIX)  # a healthy store: sent before returning
-    open_trial(tracker, "b")
+    writer, _ = open_writer(store, tmp_path)
+    assert not open_trial(writer, "a").startswith(STAND_IN_PREFIX)  # a healthy store: sent before returning
+    open_trial(writer, "b")
     for step in range(1, 21):
         for trial_id, offset in (("a", 0.0), ("b", 100.0)):
-            tracker.log_metrics(trial_id, {"val_acc": offset + step, "epoch_time_s": 1.0}, step)
-    tracker.set_tags("a", {"sbn.node": "n1"})
-    tracker.finish_trial("a", "completed")
-    tracker.finish_study("FINISHED")
+            writer.log_metrics(trial_id, {"val_acc": offset + step, "epoch_time_s": 1.0}, step)
+    writer.set_tags("a", {"sbn.node": "n1"})
+    writer.finish_trial("a", "completed")
+    StudyRecord(writer.handle).finish("FINISHED")
 
-    assert tracker.pending == 0
-    assert steps_and_values(tracker, "a", "val_acc") == [(s, float(s)) for s in range(1, 21)]
-    assert steps_and_values(tracker, "b", "val_acc") == [(s, 100.0 + s) for s in range(1, 21)]
-    client = MlflowClient(tracker.uri)
-    a, b = (client.get_run(tracker.run_id(t) or "") for t in ("a", "b"))
+    assert writer.pending == 0
+    assert steps_and_values(writer, "a", "val_acc") == [(s, float(s)) for s in range(1, 21)]
+    assert steps_and_values(writer, "b", "val_acc") == [(s, 100.0 + s) for s in range(1, 21)]
+    client = MlflowClient(writer.handle.uri)
+    a, b = (client.get_run(writer.run_id(t) or "") for t in ("a", "b"))
     assert a.data.tags["sbn.node"] == "n1" and a.data.tags["sbn.status"] == "completed"
     assert (a.info.status, b.info.status) == ("FINISHED", "KILLED")  # b was still open when the study ended
-    assert client.get_run(tracker.parent_run_id).info.status == "FINISHED"
-    assert not tracker._writer or not tracker._writer.is_alive()
+    assert client.get_run(writer.handle.parent_run_id).info.status == "FINISHED"
+    assert not writer._thread or not writer._thread.is_alive()
+    assert not writer.handle.has_active_writer()
 
 
 def test_a_trial_found_again_knows_its_last_step(store: tuple[str, str], tmp_path: Path) -> None:
-    tracker, _ = open_tracker(store, tmp_path)
-    open_trial(tracker, "a")
+    writer, _ = open_writer(store, tmp_path)
+    open_trial(writer, "a")
     for step in (1, 2, 3):
-        tracker.log_metrics("a", {"epoch_time_s": 1.0}, step)
-    assert tracker.flush(deadline_s=10.0)
-    tracker.close()
+        writer.log_metrics("a", {"epoch_time_s": 1.0}, step)
+    assert writer.flush(deadline_s=10.0)
+    writer.close()
 
-    resumed = StudyTracker(tracker.uri, tracker.experiment_id, tracker.parent_run_id, tracker.unsent_path)
-    assert open_trial(resumed, "a") == tracker.run_id("a")
+    resumed = writer.handle.writer()
+    assert resumed is not writer  # a closed writer is never handed out again
+    assert open_trial(resumed, "a") == writer.run_id("a")
     assert resumed.last_step("a") == 3
     resumed.close()
 
 
 def test_logging_returns_without_waiting_on_the_store(store: tuple[str, str], tmp_path: Path) -> None:
-    tracker, gated = open_tracker(store, tmp_path)
-    open_trial(tracker, "a")
+    writer, gated = open_writer(store, tmp_path)
+    open_trial(writer, "a")
     gated.open.clear()
     gated.entered.clear()
-    tracker.log_metrics("a", {"val_acc": 1.0}, 1)
+    writer.log_metrics("a", {"val_acc": 1.0}, 1)
     assert gated.entered.wait(timeout=10), "the writer never started sending"
     # The writer is now held inside the store: the caller's next results only append.
     waits = [
-        timed(lambda step=step: tracker.log_metrics("a", {"val_acc": float(step)}, step)) for step in (2, 3)
+        timed(lambda step=step: writer.log_metrics("a", {"val_acc": float(step)}, step)) for step in (2, 3)
     ]
     assert max(waits) < APPEND_BOUND_S, waits
-    assert tracker.pending == 3
-    assert not tracker.flush(deadline_s=0.2)  # still held
+    assert writer.pending == 3
+    assert not writer.flush(deadline_s=0.2)  # still held
 
     gated.open.set()
-    assert tracker.flush(deadline_s=10.0)
-    assert steps_and_values(tracker, "a", "val_acc") == [(1, 1.0), (2, 2.0), (3, 3.0)]
-    tracker.close()
+    assert writer.flush(deadline_s=10.0)
+    assert steps_and_values(writer, "a", "val_acc") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    writer.close()
 
 
 def test_a_store_that_fails_then_recovers_loses_nothing(store: tuple[str, str], tmp_path: Path) -> None:
-    tracker, gated = open_tracker(store, tmp_path)
-    open_trial(tracker, "a")
+    writer, gated = open_writer(store, tmp_path)
+    open_trial(writer, "a")
     gated.failing = True
-    tracker.log_metrics("a", {"val_acc": 1.0}, 1)
-    assert not tracker.flush(deadline_s=1.5)  # retried meanwhile, and failed
+    writer.log_metrics("a", {"val_acc": 1.0}, 1)
+    assert not writer.flush(deadline_s=1.5)  # retried meanwhile, and failed
     assert gated.failures >= 2
     # The store is known to be away: a new trial starts at once under a stand-in id, results only queue.
     opened = []
-    assert timed(lambda: opened.append(open_trial(tracker, "b"))) < APPEND_BOUND_S
+    assert timed(lambda: opened.append(open_trial(writer, "b"))) < APPEND_BOUND_S
     assert opened == [f"{STAND_IN_PREFIX}b"]
     for step in (2, 3):
         assert (
-            timed(lambda step=step: tracker.log_metrics("a", {"val_acc": float(step)}, step)) < APPEND_BOUND_S
+            timed(lambda step=step: writer.log_metrics("a", {"val_acc": float(step)}, step)) < APPEND_BOUND_S
         )
-        tracker.log_metrics("b", {"val_acc": 10.0 + step}, step)
-    assert tracker.pending == 6
+        writer.log_metrics("b", {"val_acc": 10.0 + step}, step)
+    assert writer.pending == 6
 
     gated.failing = False
-    assert tracker.flush(deadline_s=10.0)
-    assert steps_and_values(tracker, "a", "val_acc") == [(1, 1.0), (2, 2.0), (3, 3.0)]
-    assert steps_and_values(tracker, "b", "val_acc") == [(2, 12.0), (3, 13.0)]
-    tracker.finish_study("FINISHED")
-    assert tracker.save_unsent() == 0 and not tracker.unsent_path.exists()
+    assert writer.flush(deadline_s=10.0)
+    assert steps_and_values(writer, "a", "val_acc") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert steps_and_values(writer, "b", "val_acc") == [(2, 12.0), (3, 13.0)]
+    assert StudyRecord(writer.handle).finish("FINISHED") == 0
+    assert not writer.handle.unsent_path.exists()
 
 
 def test_what_a_store_never_took_is_saved_in_order_and_not_sent_later(
     store: tuple[str, str], tmp_path: Path
 ) -> None:
-    tracker, gated = open_tracker(store, tmp_path)
-    open_trial(tracker, "a")
+    writer, gated = open_writer(store, tmp_path)
+    open_trial(writer, "a")
     gated.failing = True
     for step in (1, 2):
-        tracker.log_metrics("a", {"val_acc": float(step)}, step)
-    tracker.finish_trial("a", "error")
-    assert not tracker.flush(deadline_s=0.5)
-    assert tracker.save_unsent() == 4
-    assert tracker.pending == 0
-    lines = [json.loads(line) for line in tracker.unsent_path.read_text().splitlines()]
+        writer.log_metrics("a", {"val_acc": float(step)}, step)
+    writer.finish_trial("a", "error")
+    assert not writer.flush(deadline_s=0.5)
+    assert writer.save_unsent() == 4
+    assert writer.pending == 0
+    lines = [json.loads(line) for line in writer.handle.unsent_path.read_text().splitlines()]
     assert [(line["operation"], line.get("step")) for line in lines] == [
         ("metrics", 1),
         ("metrics", 2),
@@ -201,29 +209,30 @@ def test_what_a_store_never_took_is_saved_in_order_and_not_sent_later(
         ("end", None),
     ]
     gated.failing = False
-    time.sleep(tracking.FLUSH_RETRY_S + 0.5)  # past the next retry, had the writer not been stopped
-    assert steps_and_values(tracker, "a", "val_acc") == []
-    assert tracker.save_unsent() == 0  # nothing is saved twice
-    assert len(tracker.unsent_path.read_text().splitlines()) == 4
+    time.sleep(writing.FLUSH_RETRY_S + 0.5)  # past the next retry, had the writer not been stopped
+    assert steps_and_values(writer, "a", "val_acc") == []
+    assert writer.save_unsent() == 0  # nothing is saved twice
+    assert len(writer.handle.unsent_path.read_text().splitlines()) == 4
+    assert StudyRecord(writer.handle).unsent_writes() == 4
 
 
 def test_the_callback_pickles_with_a_live_writer(store: tuple[str, str], tmp_path: Path) -> None:
-    tracker, _ = open_tracker(store, tmp_path)
-    callback = callback_for(tracker)
-    open_trial(callback.tracker, "a")
-    callback.tracker.log_metrics("a", {"val_acc": 1.0}, 1)
+    writer, _ = open_writer(store, tmp_path)
+    callback = callback_for(writer)
+    open_trial(callback.writer, "a")
+    callback.writer.log_metrics("a", {"val_acc": 1.0}, 1)
     restored = pickle.loads(pickle.dumps(callback))
-    assert restored._tracker is None and restored.uri == tracker.uri
+    assert restored._writer is None and restored.record == writer.handle
     callback.on_experiment_end([])
-    assert callback.tracker.pending == 0
-    tracker.close()
+    assert callback.writer.pending == 0
+    writer.close()
 
 
 def test_a_resumed_trial_replays_what_a_killed_driver_never_logged(
     store: tuple[str, str], tmp_path: Path
 ) -> None:
-    tracker, _ = open_tracker(store, tmp_path)
-    callback = callback_for(tracker)
+    writer, _ = open_writer(store, tmp_path)
+    callback = callback_for(writer)
     trial = SimpleNamespace(trial_id="a", config={"train.lr": 0.05})
     history = [{"epoch": 0.0, "fm/bn1/norm": 9.0}] + [
         {"epoch": float(e), "val_acc": e / 10, "epoch_time_s": 1.0} for e in (1, 2, 3)
@@ -238,14 +247,15 @@ def test_a_resumed_trial_replays_what_a_killed_driver_never_logged(
     # Epoch 3 was reported and checkpointed, but the driver was killed before its write was sent.
 
     resumed = pickle.loads(pickle.dumps(callback))
+    resumed.setup()
     resumed.on_trial_start(0, [], trial)
     replayed = {"epoch": 4.0, "val_acc": 0.4, "epoch_time_s": 1.0, protocol.REPLAY_KEY: history}
     resumed.on_trial_result(0, [], trial, replayed)
     resumed.on_experiment_end([])
 
-    assert steps_and_values(resumed.tracker, "a", "val_acc") == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
-    assert steps_and_values(resumed.tracker, "a", "fm/bn1/norm") == [(0, 9.0)]
-    tracker.close()
+    assert steps_and_values(resumed.writer, "a", "val_acc") == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    assert steps_and_values(resumed.writer, "a", "fm/bn1/norm") == [(0, 9.0)]
+    writer.close()
 
 
 def test_a_trial_that_ends_is_in_the_store_before_tune_moves_on(
@@ -253,8 +263,8 @@ def test_a_trial_that_ends_is_in_the_store_before_tune_moves_on(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    tracker, gated = open_tracker(store, tmp_path)
-    callback = callback_for(tracker)
+    writer, gated = open_writer(store, tmp_path)
+    callback = callback_for(writer)
     budget = callback.spec.max_budget
     trial = SimpleNamespace(trial_id="a", config={}, last_result={"epoch": budget, "val_acc": 0.5})
     callback.on_trial_start(0, [], trial)
@@ -263,16 +273,68 @@ def test_a_trial_that_ends_is_in_the_store_before_tune_moves_on(
     gated.open.clear()
     threading.Timer(0.3, gated.open.set).start()
     assert timed(lambda: callback.on_trial_complete(0, [], trial)) >= 0.3
-    run = MlflowClient(tracker.uri).get_run(tracker.run_id("a") or "")
+    run = MlflowClient(writer.handle.uri).get_run(writer.run_id("a") or "")
     assert (run.info.status, run.data.tags["sbn.status"]) == ("FINISHED", "completed")
 
     # The store is away: the end is queued and the loop goes on.
     other = SimpleNamespace(trial_id="b", config={}, last_result={"epoch": 1, "val_acc": 0.1})
     callback.on_trial_start(0, [], other)
     gated.failing = True
-    assert timed(lambda: callback.on_trial_error(0, [], other)) < 2 * tracking.FLUSH_RETRY_S
-    assert tracker.pending > 0
-    tracker.close()
+    assert timed(lambda: callback.on_trial_error(0, [], other)) < 2 * writing.FLUSH_RETRY_S
+    assert writer.pending > 0
+    writer.close()
+
+
+def test_the_driver_and_the_callback_share_one_writer(store: tuple[str, str], tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    record = start_record(store, tmp_path)
+    record.log_artifacts({"spec.yaml": "name: x\n"})  # no writer yet: sent directly
+    callback = TrackingCallback(load_spec(QUICKSTART), record.handle)
+    callback.setup()
+    assert record.writer() is callback.writer  # never a second thread on the same runs
+    callback.on_trial_start(0, [], SimpleNamespace(trial_id="a", config={}))
+    # While it is active, the driver can only go through it.
+    with pytest.raises(RuntimeError, match="writer is active"):
+        record.trial_runs()
+    with pytest.raises(RuntimeError, match="writer is active"):
+        record.log_artifacts({"resolved.yaml": ""})
+
+    callback.on_experiment_end([])  # stops the callback's writer: the driver ends the record with a new one
+    assert not record.handle.has_active_writer()
+    assert record.finish("KILLED") == 0
+    assert record.trial_statuses() == {"a": "killed"}
+    client = MlflowClient(record.handle.uri)
+    assert client.get_run(callback.writer.run_id("a") or "").info.status == "KILLED"
+    assert client.get_run(record.handle.parent_run_id).info.status == "KILLED"
+
+    StudyRecord.resume(record.handle)
+    assert client.get_run(record.handle.parent_run_id).info.status == "RUNNING"
+
+
+def test_runs_of_trials_a_resume_does_not_know_are_ended_and_deleted(
+    store: tuple[str, str], tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    record = start_record(store, tmp_path)
+    writer = record.writer()
+    for trial_id in ("known", "forgotten"):
+        open_trial(writer, trial_id)
+    writer.finish_trial("known", "completed")
+    assert writer.flush(deadline_s=10.0)
+    writer.close()
+    forgotten = writer.run_id("forgotten") or ""
+
+    assert record.drop_trials_except({"known"}) == 1
+    assert record.trial_statuses() == {"known": "completed"}
+    client = MlflowClient(record.handle.uri)
+    run = client.get_run(forgotten)
+    assert (run.info.lifecycle_stage, run.info.status, run.data.tags["sbn.status"]) == (
+        "deleted",
+        "KILLED",
+        "killed",
+    )
 
 
 @pytest.mark.parametrize("uri", ["./mlruns", "/data/mlruns", "file:///data/mlruns", "C:\\mlruns"])

@@ -24,10 +24,11 @@ from sbn_study.errors import UserError, one_line
 from sbn_study.protocol import result_metrics
 from sbn_study.results.export import FinalConfig
 from sbn_study.spec.config import TrialConfig, flatten
-from sbn_study.store.tracker import ensure_experiment
+from sbn_study.store.runs import ensure_experiment
 from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri
 
 if TYPE_CHECKING:
+    from sbn_study.store.writer import RunWriter
     from sbn_study.trial.data import ImageDataset
 
 ARMS = ("config", "baseline")
@@ -121,7 +122,8 @@ def run_final(
     """Trains every (arm, seed) as one Ray task on the local Ray (started unless one is already running in
     this process, which is then left running) or the cluster at `options.address`; `on_result` is called as
     each one ends."""
-    from sbn_study.study.lifecycle import RunOptions, prepare_output, start_ray
+    from sbn_study.study.cluster import ClusterTarget, start_ray
+    from sbn_study.study.state import prepare_output
 
     if not options.seeds:
         raise UserError("--seeds: expected at least one seed")
@@ -129,7 +131,7 @@ def run_final(
     output = prepare_output(options.output)
     uri = resolve_tracking_uri(options.tracking_uri, None, output)
     check_reachable(uri)
-    started_ray = start_ray(RunOptions(output=output, address=options.address))
+    started_ray = start_ray(ClusterTarget(address=options.address))
     try:
         return _run(config, arms, options, output, uri, on_result)
     finally:
@@ -149,16 +151,16 @@ def _run(
 ) -> FinalOutcome:
     import ray
     import yaml
-    from mlflow.tracking import MlflowClient
 
     from sbn_study.results.analysis import arm_label
-    from sbn_study.store.tracker import StudyTracker
+    from sbn_study.store.record import StudyRecord
+    from sbn_study.study.cluster import check_fits
     from sbn_study.trial.data import load_dataset
 
     gpus = options.gpus_per_seed
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
-    _check_fits(options.cpus_per_seed, gpus)
+    check_fits(options.cpus_per_seed, gpus, "--cpus-per-seed/--gpus-per-seed", "seed")
     dataset = ray.put(load_dataset(config.data))
     experiment_id = ensure_experiment(uri, options.experiment, output / "artifacts")
     source = config.provenance
@@ -168,16 +170,11 @@ def _run(
         "sbn.source_run": source.run_id if source else "",
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent_run_id = (
-        MlflowClient(uri)
-        .create_run(experiment_id, run_name=f"{options.experiment}-{stamp}", tags=common_tags)
-        .info.run_id
-    )
     unsent = output / "final" / f"{options.experiment}.unsent.jsonl"
-    tracker = StudyTracker(uri, experiment_id, parent_run_id, unsent)
-    tracker.log_study_artifacts(
-        {"config.yaml": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)}
-    )
+    run_name = f"{options.experiment}-{stamp}"
+    record = StudyRecord.start(uri, experiment_id, run_name, common_tags, unsent)
+    record.log_artifacts({"config.yaml": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)})
+    writer = record.writer()
 
     task = ray.remote(_train_seed).options(num_cpus=options.cpus_per_seed, num_gpus=gpus)
     launched: dict[Any, tuple[str, int]] = {}  # task → (arm, seed)
@@ -190,7 +187,7 @@ def _run(
                     update={"train": arm_config.train.model_copy(update={"seed": seed})}
                 )
                 dumped = seeded.model_dump(mode="json")
-                tracker.trial_run(
+                writer.trial_run(
                     f"{arm}-seed{seed}",
                     run_name=f"{label}-seed{seed}",
                     params=flatten(dumped),
@@ -201,26 +198,24 @@ def _run(
         pending = list(launched)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            result = _record(tracker, *launched[done[0]], done[0])
+            result = _record(writer, *launched[done[0]], done[0])
             results.append(result)
             if on_result is not None:
                 on_result(result)
         summaries, difference = summarize(results)
-        _log_summary(tracker, summaries, difference)
+        _log_summary(writer, summaries, difference)
     except BaseException:
         # Ctrl-C (or a lost tracking store): stop the seeds still training and mark their runs killed.
         for ref in launched:
             ray.cancel(ref, force=True)
-        tracker.finish_study("KILLED")
-        tracker.save_unsent()
+        record.finish("KILLED")
         raise
-    tracker.finish_study("FINISHED")
-    unsent_writes = tracker.save_unsent()
+    unsent_writes = record.finish("FINISHED")
     order = {arm: i for i, arm in enumerate(ARMS)}
     return FinalOutcome(
         experiment=options.experiment,
         tracking_uri=redact_uri(uri),
-        parent_run_id=parent_run_id,
+        parent_run_id=record.handle.parent_run_id,
         results=tuple(sorted(results, key=lambda r: (order[r.arm], r.seed))),
         arms=summaries,
         difference=difference,
@@ -228,39 +223,27 @@ def _run(
     )
 
 
-def _check_fits(cpus: float, gpus: float) -> None:
-    """Ray would wait forever for a task that no node can hold; say so instead."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
-        raise UserError(
-            f"--cpus-per-seed/--gpus-per-seed: no node of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs "
-            "for one seed"
-        )
-
-
-def _record(tracker: Any, arm: str, seed: int, ref: Any) -> SeedResult:
+def _record(writer: RunWriter, arm: str, seed: int, ref: Any) -> SeedResult:
     """Logs one ended task to its run and returns its result."""
     import ray
 
     key = f"{arm}-seed{seed}"
-    run_id = tracker.run_id(key) or ""  # "" while the store is unreachable and the run not yet opened
+    run_id = writer.run_id(key) or ""  # "" while the store is unreachable and the run not yet opened
     try:
         out = ray.get(ref)
     except ray.exceptions.RayError as exc:
-        tracker.finish_trial(key, "error")
+        writer.finish_trial(key, "error")
         reason = one_line(exc, last=True)
         nan = math.nan
         return SeedResult(arm, seed, run_id, "error", nan, nan, nan, 0, 0, error=reason)
     for metrics in out["history"]:
-        tracker.log_metrics(key, result_metrics(metrics), step=int(metrics["epoch"]))
+        writer.log_metrics(key, result_metrics(metrics), step=int(metrics["epoch"]))
     tested = {
         name: out[name] for name in ("test_acc", "test_loss", "best_val_acc") if math.isfinite(out[name])
     }
-    tracker.log_metrics(key, tested, step=out["best_epoch"])
-    tracker.set_tags(key, {"sbn.node": out["node"], "sbn.best_epoch": str(out["best_epoch"])})
-    tracker.finish_trial(key, out["status"])
+    writer.log_metrics(key, tested, step=out["best_epoch"])
+    writer.set_tags(key, {"sbn.node": out["node"], "sbn.best_epoch": str(out["best_epoch"])})
+    writer.finish_trial(key, out["status"])
     return SeedResult(
         arm,
         seed,
@@ -336,11 +319,13 @@ def summarize(results: list[SeedResult]) -> tuple[dict[str, ArmSummary], PairedD
     return summaries, PairedDifference(len(paired), mean, std, mean - half, mean + half, CONFIDENCE)
 
 
-def _log_summary(tracker: Any, summaries: dict[str, ArmSummary], difference: PairedDifference | None) -> None:
+def _log_summary(
+    writer: RunWriter, summaries: dict[str, ArmSummary], difference: PairedDifference | None
+) -> None:
     """The summary as metrics of the parent run, so the MLflow UI shows it next to the seeds."""
     values = {f"{arm}/test_acc_{k}": getattr(s, k) for arm, s in summaries.items() for k in ("mean", "std")}
     if difference is not None:
         values |= {
             f"paired_diff/test_acc_{k}": getattr(difference, k) for k in ("mean", "std", "low", "high")
         }
-    tracker.log_study_metrics({k: v for k, v in values.items() if math.isfinite(v)})
+    writer.log_parent_metrics({k: v for k, v in values.items() if math.isfinite(v)})

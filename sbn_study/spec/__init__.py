@@ -1,8 +1,9 @@
 """The study spec: typed schema, cross-field rules, error messages with YAML key paths, and the loader.
 
 `config` (a trial's sections), `catalog` (architectures and norm kinds as data), `distributions`, `schema`,
-`rules` (the cross-field checks), `messages` (errors as one line each) and `loader` (the ways in). Imports
-neither torch, Ray nor MLflow, so that `sbn-study validate` answers at once.
+`rules` (the cross-field checks), `effects` (whether searched settings can change a trial), `messages` (errors
+as one line each) and `loader` (the ways in). Imports neither torch, Ray nor MLflow, so that `sbn-study
+validate` answers at once.
 """
 
 from sbn_study.spec.distributions import Distribution, sampling_order

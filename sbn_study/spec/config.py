@@ -6,36 +6,75 @@ Every model is `extra="forbid"` so a typo in a spec is an error, never a silentl
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from sbn_study.spec.messages import show, spec_error
 
 DatasetName = Literal["synthetic", "cifar10", "cifar100"]
 FftNorm = Literal["backward", "ortho", "forward"]
 
+# numpy's generators, and so Optuna's samplers, take seeds in [0, 2**32 - 1], the narrowest range of the
+# generators a seed reaches (torch's take 64 bits): one range for every seed keeps them interchangeable.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+# What `torch.device` parses of the devices a trial can run on (`sbn_study.trial.train.resolve_device`), plus
+# "auto"; an index of more than 3 digits would not parse.
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]{0,2}))?")
+
+
+def _usable_path(path: str) -> str:
+    # The operating system takes no NUL in a path: every use of the path would fail with a traceback.
+    if "\0" in path:
+        raise spec_error(f"a path cannot contain a NUL character, got {show(path)}")
+    return path
+
+
+PathText = Annotated[str, AfterValidator(_usable_path)]
+
+
+def _number_type(annotation: Any) -> str | None:
+    """The pydantic error type of a wrong value for a numeric field (`int`, `float | None`, `Seed | None`)."""
+    types = {get_args(a)[0] if get_origin(a) is Annotated else a for a in (annotation, *get_args(annotation))}
+    return "int_type" if int in types else "float_type" if float in types else None
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A YAML `.inf` or `.nan` is a float to pydantic, and no setting of a study means either.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic reads true as 1: `epochs: true` would train for one epoch.
+        kind = _number_type(cls.model_fields[info.field_name].annotation) if info.field_name else None
+        if isinstance(value, bool) and kind:
+            raise PydanticCustomError(kind, "a number, not a boolean")
+        return value
 
 
 class SyntheticConfig(Strict):
     """Size of the embedded synthetic dataset (CIFAR-shaped 3×32×32 images)."""
 
+    # The driver renders the images in its memory, 3 KB each: the caps keep a typo from taking gigabytes.
     train_size: int = Field(
-        2560, ge=2, description="images in the training split (before the validation hold-out)"
+        2560, ge=2, le=1_000_000, description="images in the training split (before the validation hold-out)"
     )
-    test_size: int = Field(512, ge=1)
-    num_classes: int = Field(10, ge=2)
-    seed: int = 0
+    test_size: int = Field(512, ge=1, le=1_000_000)
+    num_classes: int = Field(10, ge=2, le=1000)
+    seed: Seed = 0
 
 
 class DataConfig(Strict):
     dataset: DatasetName = "synthetic"
     # Where `cifar-10-batches-py/` and `cifar-100-python/` live (or are downloaded to). `~` is expanded.
-    root: str = "~/.cache/sbn-study/data"
+    root: PathText = "~/.cache/sbn-study/data"
     # The paper holds out 5,000 of CIFAR's 50,000 training images; search optimizes on them, never on test.
     val_size: int = Field(5000, ge=0)
-    split_seed: int = 0
+    split_seed: Seed = 0
     download: bool = True
     augment: bool = True
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -75,14 +114,21 @@ class TrainConfig(Strict):
     schedule: Literal["step", "cosine", "constant"] = "step"
     # Epochs at which the step schedule multiplies the lr by `gamma`; `None` = 30/60/80 % of `epochs`,
     # which is the paper's 60/120/160 at 200 epochs and scales when a study shortens training.
-    milestones: list[int] | None = None
+    milestones: list[Annotated[int, Field(ge=1)]] | None = None
     gamma: float = Field(0.2, gt=0.0, le=1.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     amp: bool = True  # bf16 autocast, on CUDA only; SBN keeps float32 inside
     channels_last: bool = True  # on CUDA only
     compile: bool = False
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"  # "auto" = cuda when the trial was given a GPU, else cpu
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not _DEVICE.fullmatch(device):
+            raise spec_error(f"expected auto, cpu, cuda, cuda:N or mps, got {show(device)}")
+        return device
 
 
 class FeatureStatsConfig(Strict):

@@ -8,16 +8,17 @@ the MLflow params use. Distributions are one-key mappings:
     {loguniform: [low, high]}   float on a log scale, 0 < low < high
     {int: [low, high]}          integer, bounds inclusive, low <= high (low == high pins a value)
     {logint: [low, high]}       integer on a log scale, bounds inclusive, 1 <= low < high
-    {quniform: [low, high, q]}  float in steps of q, low < high, q > 0
+    {quniform: [low, high, q]}  float in steps of q, low < high, q > 0 dividing high - low
 
-plus an optional `when: {dotted.key: value or [values]}`: the parameter is sampled only when that other
-(searched `choice` or base) key has one of those values.
+plus an optional `when: {dotted.key: value or [values], ...}`: the parameter is sampled only in the trials in
+which every one of those other (searched `choice` or base) keys has one of its values.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -33,7 +34,7 @@ _RANGE_RULES: dict[str, tuple[str, str]] = {
     "loguniform": ("two numbers [low, high]", "0 < low < high"),
     "int": ("two integers [low, high]", "low <= high"),
     "logint": ("two integers [low, high]", "1 <= low < high"),
-    "quniform": ("three numbers [low, high, q]", "low < high and q > 0"),
+    "quniform": ("three numbers [low, high, q]", "low < high and a step q > 0 that divides high - low"),
 }
 
 
@@ -58,8 +59,21 @@ def _range_holds(kind: str, low: float, high: float, q: float | None) -> bool:
     if kind == "logint":
         return 1 <= low < high
     if kind == "quniform":
-        return low < high and q is not None and q > 0
+        # Optuna would lower `high` to the last whole step (to `low` for a step longer than the range),
+        # computing in decimal as the spec writes the numbers: 0.1 divides 0.3 - 0.1 there.
+        return low < high and q is not None and q > 0 and _divides(q, _decimal(high) - _decimal(low))
     return low < high
+
+
+def _decimal(number: float) -> Decimal:
+    return Decimal(str(number))
+
+
+def _divides(step: float, length: Decimal) -> bool:
+    try:
+        return length % _decimal(step) == 0
+    except InvalidOperation:  # more steps than decimal's 28 digits count, which Optuna's check refuses too
+        return False
 
 
 def _parse_range(kind: str, args: Any) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import copy
 import os
 import re
 from collections.abc import Hashable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -31,12 +30,51 @@ from sbn_study.spec.schema import (
     coerce,
 )
 
+# A spec is a few kilobytes, nests 6 deep (search.space.KEY.when.KEY.[values]) and holds a few hundred
+# values. The limits refuse what no spec needs before it costs anything: YAML aliases can make a 500-byte
+# document expand to billions of values (every later step walks them all), and deep nesting would exhaust
+# PyYAML's recursion.
+MAX_SPEC_BYTES = 1_000_000
+MAX_DEPTH = 32
+MAX_VALUES = 10_000
+
 
 class _SpecLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` (no Python tags) that also rejects duplicate keys, which PyYAML otherwise drops
-    silently (a second `space:` block would replace the first), and reads `1e-6` as a float like YAML 1.2
-    (YAML 1.1 wants `1.0e-6`).
+    silently (a second `space:` block would replace the first), reads `1e-6` as a float like YAML 1.2
+    (YAML 1.1 wants `1.0e-6`), refuses documents beyond the limits above, and reports a value it cannot
+    construct (`2001-13-45`, an int of 5,000 digits) as a YAML error rather than a crash.
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # PyYAML composes recursively: the depth is checked before the recursion could run out.
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _limit_error(_TOO_DEEP, self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _measure(node, 1, {}, set())
+        return self.construct_document(node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            problem = str(exc).split(":")[0] or type(exc).__name__
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this {node.tag.rsplit(':', 1)[-1]} ({problem})", node.start_mark
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: set[Hashable] = set()
@@ -53,6 +91,46 @@ class _SpecLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+_TOO_DEEP = f"nests more than {MAX_DEPTH} levels deep; no spec needs that"
+
+
+def _limit_error(problem: str, mark: yaml.Mark) -> yaml.YAMLError:
+    return yaml.composer.ComposerError(None, None, f"the document {problem}", mark)
+
+
+def _measure(
+    node: yaml.Node, depth: int, measured: dict[int, tuple[int, int]], open_ids: set[int]
+) -> tuple[int, int]:
+    """The values `node` holds and the levels it nests with every alias written out, `node` being at `depth`;
+    a YAML error beyond the limits. `measured` keeps what each shared (aliased) node holds, so each is walked
+    once however often it is referred to.
+    """
+    if depth > MAX_DEPTH:
+        raise _limit_error(_TOO_DEEP, node.start_mark)
+    known = measured.get(id(node))
+    if known is None:
+        if id(node) in open_ids:
+            raise _limit_error("has an alias inside its own anchor, which expands forever", node.start_mark)
+        open_ids.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        values, levels = 1, 0
+        for child in children:
+            child_values, child_levels = _measure(child, depth + 1, measured, open_ids)
+            values, levels = values + child_values, max(levels, child_levels + 1)
+            if values > MAX_VALUES:
+                raise _limit_error(
+                    f"holds more than {MAX_VALUES} values once its aliases are expanded; no spec needs that",
+                    node.start_mark,
+                )
+        open_ids.discard(id(node))
+        known = measured[id(node)] = (values, levels)
+    if depth + known[1] > MAX_DEPTH:
+        raise _limit_error(_TOO_DEEP, node.start_mark)
+    return known
 
 
 _YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
@@ -172,9 +250,17 @@ def spec_from_dict(data: Any, overrides: Sequence[str] = ()) -> StudySpec:
     return _build(data, overrides, "spec")
 
 
-def _read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The document in the file at `path` (`what` it is, for errors) as the spec loader reads it: safe, no
+    duplicate keys, within the limits above. Raises SpecError with one line saying what is wrong."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            raw = file.read(MAX_SPEC_BYTES + 1)  # never more: the path may be a device or a pipe
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError(
+                [f"{path}: cannot read {what}: larger than {MAX_SPEC_BYTES:,} bytes; no spec needs that"]
+            )
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SpecError([f"{path}: cannot read {what}: {reason}"]) from None
@@ -187,7 +273,7 @@ def _read_yaml(path: str | os.PathLike[str], what: str) -> Any:
 def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> StudySpec:
     """Reads, overrides (`key=value` strings, values in YAML) and validates a spec file; relative paths in
     it resolve against the current directory. Raises SpecError listing every problem."""
-    return _build(_read_yaml(path, "spec"), overrides, str(path))
+    return _build(read_yaml(path, "spec"), overrides, str(path))
 
 
 TrialModel = TypeVar("TrialModel", bound=TrialConfig)
@@ -200,7 +286,7 @@ def load_trial_config(
     checks it like a spec's base configuration (schema, architecture, norm kind, placement), with `--set`
     overrides and the same error lines. `model` may extend TrialConfig with more sections.
     """
-    data, errors = _prepared(_read_yaml(path, "config"), overrides, str(path))
+    data, errors = _prepared(read_yaml(path, "config"), overrides, str(path))
     config: TrialModel | None = None
     try:
         config = model.model_validate(data)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -31,9 +32,16 @@ def spec_error(message: str) -> PydanticCustomError:
     return PydanticCustomError("spec", "{message}", {"message": message})
 
 
+# repr() of a value walks all of it, and a spec's values can be huge (a long string, a YAML alias that
+# expands a list many times over): reprlib looks at a bounded part only.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 80, 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfrozenset = 8
+
+
 def show(value: Any) -> str:
     """A value as an error line quotes it, cut to 80 characters."""
-    text = repr(value)
+    text = _SHOWN.repr(value)
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 
@@ -78,8 +86,17 @@ def _number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _constraints(field: FieldInfo) -> list[Any]:
+    """A field's constraints, with those an optional field keeps inside its union (`Seed | None`)."""
+    found = list(field.metadata)
+    for member in get_args(field.annotation):
+        for item in getattr(member, "__metadata__", ()):
+            found += item.metadata if isinstance(item, FieldInfo) else [item]
+    return found
+
+
 def _bounds(field: FieldInfo | None, err: ErrorDetails) -> str:
-    sources = field.metadata if field else [err.get("ctx", {})]
+    sources = _constraints(field) if field else [err.get("ctx", {})]
     parts = []
     for source in sources:
         for name, symbol in _BOUNDS.items():

@@ -12,9 +12,16 @@ from typing import Any, get_args
 from pydantic import BaseModel, ValidationError
 
 from sbn_study.errors import UserError
-from sbn_study.spec.catalog import ARCHITECTURES, NORM_KINDS, parse_placement
+from sbn_study.spec.catalog import (
+    ARCHITECTURES,
+    NORM_KINDS,
+    PER_TRIAL_DATA_SETTINGS,
+    TRAIN_IMAGES,
+    parse_placement,
+)
 from sbn_study.spec.config import TrialConfig
 from sbn_study.spec.distributions import Distribution, is_integral, sampling_order
+from sbn_study.spec.effects import effect_errors
 from sbn_study.spec.messages import describe, model_at, show
 from sbn_study.spec.schema import (
     PLACEMENT,
@@ -35,8 +42,13 @@ def cross_field_errors(
     """
     errors, resolved = _space_errors(space)
     if search:
-        errors += _objective_errors(search) + _budget_errors(search, base)
+        # Studies only: the defaults (synthetic data with CIFAR's 5,000-image hold-out) do not fit together,
+        # and final-training configs written with them exist; `sbn-study train` refuses those as it loads data.
+        errors += (
+            _objective_errors(search) + _budget_errors(search, base) + _dataset_size_errors(base, resolved)
+        )
     errors += _setting_errors(base, search) + _component_errors(base, space, resolved)
+    errors += effect_errors(base, resolved)
     return errors, resolved
 
 
@@ -73,6 +85,15 @@ def _key_problem(key: str) -> str | None:
     return "not a key of the base configuration" + (f" (did you mean {match[0]}?)" if match else "")
 
 
+def _per_study_problem(key: str) -> str | None:
+    if not key.startswith("data.") or key in PER_TRIAL_DATA_SETTINGS:
+        return None
+    return (
+        "cannot be searched: the driver loads the dataset once per study and every trial trains on it, so "
+        f"each would use the base {key} while MLflow records the sampled one; run one study per value instead"
+    )
+
+
 def _kind_problem(key: str, dist: Distribution) -> str | None:
     """A distribution whose samples the field's type cannot take (floats for an int, numbers for a string)."""
     annotation = _section_class(key).model_fields[key.rsplit(".", 1)[-1]].annotation
@@ -99,7 +120,7 @@ def _space_errors(space: Mapping[str, Distribution]) -> tuple[list[str], dict[st
     resolved: dict[str, Distribution] = {}
     for key, dist in space.items():
         where = f"search.space.{key}"
-        problem = _key_problem(key) or _kind_problem(key, dist)
+        problem = _key_problem(key) or _per_study_problem(key) or _kind_problem(key, dist)
         if problem:
             errors.append(f"{where}: {problem}")
             continue
@@ -115,6 +136,10 @@ def _space_errors(space: Mapping[str, Distribution]) -> tuple[list[str], dict[st
                 valid.append(as_stored(key, value))
             except ValidationError as exc:
                 errors += [f"{where}: {label}: {message}" for message in _messages(exc, key)]
+        twice = next((value for i, value in enumerate(valid) if value in valid[:i]), None)
+        if twice is not None:
+            # Samplers would weigh the one setting twice ("34" and 34 are one placement).
+            errors.append(f"{where}: choice values must differ, got {show(twice)} twice")
         resolved[key] = dist.model_copy(update={"values": tuple(valid)}) if dist.kind == "choice" else dist
     for key, dist in resolved.items():
         when = {}
@@ -198,6 +223,13 @@ def _setting_errors(base: Mapping[str, Any], search: SearchConfig | None) -> lis
     errors = []
     if base.get("train.nesterov") and base.get("train.momentum") == 0:
         errors.append("train.nesterov: Nesterov momentum needs train.momentum > 0, got 0")
+    epochs = base.get("train.epochs")
+    if epochs is not None and not (search and "train.epochs" in search.space):
+        errors += [
+            f"train.milestones[{i}]: must be < train.epochs ({epochs}): the lr would never step there, got {m}"
+            for i, m in enumerate(base.get("train.milestones") or [])
+            if m >= epochs
+        ]
     on_validation = [m for m in (search.metrics if search else []) if m.startswith("val_")]
     if on_validation and base.get("data.val_size") == 0:
         errors.append(
@@ -205,6 +237,30 @@ def _setting_errors(base: Mapping[str, Any], search: SearchConfig | None) -> lis
             "which needs at least 1 image, got 0"
         )
     return errors
+
+
+def _dataset_size_errors(base: Mapping[str, Any], resolved: Mapping[str, Distribution]) -> list[str]:
+    """A hold-out or a batch larger than the training images."""
+    dataset, val_size = base.get("data.dataset"), base.get("data.val_size")
+    images = (
+        base.get("data.synthetic.train_size") if dataset == "synthetic" else TRAIN_IMAGES.get(str(dataset))
+    )
+    if images is None or val_size is None:
+        return []
+    if val_size >= images:
+        return [f"data.val_size: must be < the {images} training images of {dataset}, got {val_size}"]
+    dist = resolved.get("train.batch_size")
+    if dist is None:
+        where, batch = "train.batch_size", base.get("train.batch_size")
+    else:
+        where = "search.space.train.batch_size"
+        batch = max(dist.values, default=None) if dist.kind == "choice" else dist.high
+    if batch is not None and batch > images - val_size:
+        # A training epoch takes whole batches only: it would have none.
+        return [
+            f"{where}: must be <= the {images - val_size} training images left after data.val_size, got {batch}"
+        ]
+    return []
 
 
 def _component_errors(

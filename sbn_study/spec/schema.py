@@ -14,8 +14,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from sbn_study.spec.config import DataConfig, Strict, TrialConfig, flatten, set_dotted
+from sbn_study.spec.config import DataConfig, PathText, Seed, Strict, TrialConfig, flatten, set_dotted
 from sbn_study.spec.distributions import Distribution
+from sbn_study.spec.effects import effect_warnings
 from sbn_study.spec.messages import SpecError, error_lines, show, spec_error
 
 MetricName = Literal["val_acc", "val_loss", "train_loss", "train_acc", "epoch_time_s", "images_per_s"]
@@ -33,6 +34,10 @@ TRIAL_KEYS: tuple[str, ...] = tuple(TRIAL_DEFAULTS)
 PLACEMENT = "norm.placement"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# The name goes into file and folder names with suffixes (`<output>/studies/<name>.unsent.jsonl`, Tune's
+# `<name>-<timestamp>/`) that file systems cap at 255 bytes, and into MLflow run names (`<name>-<trial id>`)
+# that the UI must show: 100 characters leave the suffixes room and are more than any study needs.
+NAME_MAX_LENGTH = 100
 
 
 def coerce(key: str, value: Any) -> Any:
@@ -67,7 +72,7 @@ class ResourcesConfig(Strict):
 
 class TrackingConfig(Strict):
     # None = the sqlite store under the run's output folder; --tracking-uri and MLFLOW_TRACKING_URI win.
-    uri: str | None = None
+    uri: PathText | None = None
 
     @field_validator("uri")
     @classmethod
@@ -82,7 +87,7 @@ class TrackingConfig(Strict):
 
 class SamplerConfig(Strict):
     type: SamplerType = "tpe"
-    seed: int | None = 0
+    seed: Seed | None = 0
     n_startup_trials: int = Field(10, ge=0)
 
 
@@ -141,7 +146,7 @@ class StudySpec(TrialConfig):
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
     # Where Ray Tune keeps checkpoints and experiment state; None = <output>/ray. Multi-node: shared storage.
-    storage: str | None = None
+    storage: PathText | None = None
     search: SearchConfig
 
     @field_validator("name")
@@ -152,6 +157,8 @@ class StudySpec(TrialConfig):
             raise spec_error(
                 f"expected a letter or digit followed by letters, digits, '_', '.' or '-', got {show(name)}"
             )
+        if len(name) > NAME_MAX_LENGTH:
+            raise spec_error(f"expected at most {NAME_MAX_LENGTH} characters, got {len(name)}")
         return name
 
     @field_validator("data")
@@ -225,7 +232,7 @@ class StudySpec(TrialConfig):
             found.append(
                 f"search.space is empty: all {self.search.num_samples} trials run the base configuration"
             )
-        return found
+        return found + effect_warnings(flatten(self.base_config().model_dump()), space)
 
 
 def _samples_categoricals_at_random(sampler: str) -> bool:

@@ -1,14 +1,13 @@
 """Ray Tune callbacks of the driver: MLflow bookkeeping and the live table a person reads.
 
-Both are pickled into Tune's experiment state (so `--resume` gets them back); they hold plain data and
-connect lazily, never a live client.
+Both are pickled into Tune's experiment state (so `--resume` gets them back); they hold plain data, and the
+tracking callback builds its writer in `setup`, where Tune's loop runs (on the head node with Ray Client).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
@@ -16,37 +15,43 @@ from ray.tune import Callback
 from sbn_study.protocol import INITIAL_FEATURES_KEY, REPLAY_KEY, TrialStatus, ended_status, result_metrics
 from sbn_study.spec import StudySpec
 from sbn_study.spec.config import flatten
-from sbn_study.store.tracker import StudyTracker
+from sbn_study.store.writer import RecordHandle, RunWriter
 
 # How long the end of a trial may hold Tune's loop for its writes to reach a store that answers.
 FINISH_WAIT_S = 30.0
+# How long the end of the experiment waits for the store to take what is queued before saving it to a file.
+END_WAIT_S = 30.0
 
 
 class TrackingCallback(Callback):
     """Opens (or, after a resume, finds again) one nested MLflow run per trial and logs each result in one batch."""
 
-    def __init__(
-        self, spec: StudySpec, uri: str, experiment_id: str, parent_run_id: str, unsent_path: Path
-    ) -> None:
+    def __init__(self, spec: StudySpec, record: RecordHandle) -> None:
         self.spec = spec
-        self.uri = uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.unsent_path = unsent_path
-        self._tracker: StudyTracker | None = None
+        self.record = record
+        self._writer: RunWriter | None = None
         self._node_tagged: set[str] = set()
         # Last epoch recorded per trial: a trial restarted from its checkpoint may repeat epochs that were
         # already logged before the restart, and MLflow would keep both copies of each.
         self._last_step: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tracker": None, "_node_tagged": set(), "_last_step": {}}
+        return {**self.__dict__, "_writer": None, "_node_tagged": set(), "_last_step": {}}
+
+    def setup(
+        self,
+        stop: Any = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
+        self._writer = self.record.writer()
 
     @property
-    def tracker(self) -> StudyTracker:
-        if self._tracker is None:
-            self._tracker = StudyTracker(self.uri, self.experiment_id, self.parent_run_id, self.unsent_path)
-        return self._tracker
+    def writer(self) -> RunWriter:
+        if self._writer is None:
+            raise RuntimeError("TrackingCallback.setup was not called: Tune calls it before the first trial")
+        return self._writer
 
     def _ensure_run(self, trial: Any) -> None:
         import yaml
@@ -55,14 +60,14 @@ class TrackingCallback(Callback):
             return
         config = self.spec.trial_config(trial.config).model_dump(mode="json")
         searched = ",".join(sorted(trial.config))
-        self.tracker.trial_run(
+        self.writer.trial_run(
             trial.trial_id,
             run_name=f"{self.spec.name}-{trial.trial_id}",
             params=flatten(config),
             config_yaml=yaml.safe_dump(config, sort_keys=False),
             tags={"sbn.study": self.spec.name, "sbn.searched": searched},
         )
-        self._last_step[trial.trial_id] = self.tracker.last_step(trial.trial_id)
+        self._last_step[trial.trial_id] = self.writer.last_step(trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ensure_run(trial)
@@ -73,7 +78,7 @@ class TrackingCallback(Callback):
             self._log_epoch(trial.trial_id, past)
         self._log_epoch(trial.trial_id, result)
         if trial.trial_id not in self._node_tagged and "node_id" in result:
-            self.tracker.set_tags(
+            self.writer.set_tags(
                 trial.trial_id,
                 {"sbn.node": str(result["node_id"]), "sbn.host": str(result.get("hostname", ""))},
             )
@@ -86,12 +91,12 @@ class TrackingCallback(Callback):
             return
         self._last_step[trial_id] = step
         if INITIAL_FEATURES_KEY in result:
-            self.tracker.log_metrics(trial_id, result[INITIAL_FEATURES_KEY], step=0)
+            self.writer.log_metrics(trial_id, result[INITIAL_FEATURES_KEY], step=0)
         metrics = result_metrics(result)
         if result.get("diverged"):
             # The worst-value stand-ins told to the sampler are not measurements.
             metrics = {k: v for k, v in metrics.items() if k not in self.spec.search.metrics}
-        self.tracker.log_metrics(trial_id, metrics, step=step)
+        self.writer.log_metrics(trial_id, metrics, step=step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial.trial_id, ended_status(trial.last_result, self.spec.max_budget))
@@ -100,15 +105,16 @@ class TrackingCallback(Callback):
         self._finish(trial.trial_id, TrialStatus.ERROR)
 
     def _finish(self, trial_id: str, status: TrialStatus) -> None:
-        self.tracker.finish_trial(trial_id, status)
+        self.writer.finish_trial(trial_id, status)
         # A trial that ended is never run again: its writes must be in the store before Tune's saved state
         # says it ended, or a driver killed in between would leave its run open with its last epochs missing.
         # Once per trial, a few ms on a reachable store; none while the store is known to be away.
-        self.tracker.flush(deadline_s=FINISH_WAIT_S, retry_away=False)
+        self.writer.flush(deadline_s=FINISH_WAIT_S, retry_away=False)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.tracker.flush(deadline_s=30.0)
-        self.tracker.save_unsent()  # stops the writer thread too, even when there is nothing to save
+        self.writer.flush(deadline_s=END_WAIT_S)
+        # Stops the writer too, even with nothing to save: the driver then ends the record with its own.
+        self.writer.save_unsent()
 
 
 class ProgressTable(Callback):

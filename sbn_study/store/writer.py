@@ -1,30 +1,32 @@
-"""MLflow bookkeeping of a study, done by the driver alone.
+"""The one writer of a study's MLflow record: a queue that a background thread sends, in order.
 
 One writer per study keeps sqlite stores safe (no concurrent migrations or locks from trial processes), lets
 a resumed trial find and continue its own run, and turns every result into one batched `log_batch` call of
-only the meaningful metrics. The writes are queued and sent, in order, by a background thread of the driver,
-so that Tune's event loop only appends and never waits on MLflow (whose cost moves to that thread; it does not
-vanish). A write that fails (a tracking server that went away) stays at the head of the queue and is retried;
-whatever is still unsent at the end is saved to a file, never dropped. Opening a trial's run is one of those
-writes: while the server is away, a trial starts anyway and its writes name the run by a stand-in id until
-the run exists.
+only the meaningful metrics. Tune's event loop only appends to the queue and never waits on MLflow (whose
+cost moves to the thread; it does not vanish). A write that fails (a tracking server that went away) stays at
+the head of the queue and is retried; whatever is still unsent at the end is saved to a file, never dropped.
+Opening a trial's run is one of those writes: while the server is away, a trial starts anyway and its writes
+name the run by a stand-in id until the run exists.
+
+A process holds at most one writer per record (`RecordHandle.writer()` hands out the active one), so the
+Tune callback and the driver, which both write to the same runs, never send side by side.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
-import os
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sbn_study.protocol import TrialStatus
-from sbn_study.store.uri import is_remote_store
+from sbn_study.store.runs import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, end_if_running, open_client, trial_runs
 
 # The run id of a trial run whose opening is still buffered; its writes are sent under the real id later.
 STAND_IN_PREFIX = "pending:"
@@ -41,88 +43,59 @@ OPEN_WAIT_S = 5.0
 CLOSE_WAIT_S = 30.0
 
 
-def _client(uri: str) -> Any:
-    # The driver retries failed writes itself (buffered, in order); MLflow's own HTTP retries with backoff
-    # would otherwise stall the whole study for minutes inside one call.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from mlflow.tracking import MlflowClient
+@dataclass(frozen=True)
+class RecordHandle:
+    """Where a study's record is: plain data, pickled into Tune's state with the callback that writes it."""
 
-    return MlflowClient(tracking_uri=uri)
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    unsent_path: Path  # JSON lines of the writes the store never took
 
+    def writer(self) -> RunWriter:
+        """This process's writer of the record: the active one, else a new one."""
+        with _active_lock:
+            writer = _active.get(self)
+            if writer is None:
+                writer = _active[self] = RunWriter(self)
+            return writer
 
-def create_store(uri: str) -> None:
-    """Opens the store, creating a fresh sqlite one (MLflow's migrations) in the driver before any trial."""
-    _client(uri).search_experiments(max_results=1)
-
-
-def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
-    """Creates the store and the study's experiment (in the driver, before any trial exists) and returns its id."""
-    client = _client(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (
-        None if artifact_root is None or is_remote_store(uri) else (artifact_root / name).resolve().as_uri()
-    )
-    return client.create_experiment(name, artifact_location=location)
+    def has_active_writer(self) -> bool:
+        with _active_lock:
+            return self in _active
 
 
-def _save_when_exiting(tracker_ref: weakref.ref[StudyTracker]) -> None:
-    tracker = tracker_ref()
-    if tracker is not None and tracker.pending:
-        tracker.flush(deadline_s=10.0)
-        tracker.save_unsent()
+_active: dict[RecordHandle, RunWriter] = {}
+_active_lock = threading.Lock()
 
 
-class StudyTracker:
-    """Owns the MLflow runs of one study execution: the parent run and one nested run per trial.
+def _save_when_exiting(writer_ref: weakref.ref[RunWriter]) -> None:
+    writer = writer_ref()
+    if writer is not None and writer.pending:
+        writer.flush(deadline_s=10.0)
+        writer.save_unsent()
 
-    Writes are queued and sent, in order, by one background thread: the caller (Tune's event loop) only
-    appends. The MlflowClient is the writer's alone while writes are queued: read through `client` only while
-    nothing is (before the first write, after `flush` returned True, or after `finish_study`).
+
+class RunWriter:
+    """Queues the writes to a study's runs and sends them, in order, from one background thread.
+
+    Get it from `RecordHandle.writer()`. Its MlflowClient is the thread's alone while writes are queued: read
+    through `client` only while nothing is (before the first write, or after `flush` returned True).
     """
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, unsent_path: Path) -> None:
-        self.uri = uri
-        self.client = _client(uri)
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.unsent_path = unsent_path
-        # Guards everything below that both the caller and the writer touch, and wakes either side.
+    def __init__(self, handle: RecordHandle) -> None:
+        self.handle = handle
+        self.client = open_client(handle.uri)
+        # Guards everything below that both the caller and the thread touch, and wakes either side.
         self._changed = threading.Condition()
         self._runs: dict[str, str] = {}  # trial id → run id, or its stand-in until the run exists
         self._last_step: dict[str, int] = {}  # trial id → highest step logged to or found in its run
         self._pending: deque[tuple[str, str, dict[str, Any]]] = deque()  # (operation, run_id, arguments)
-        self._retry_at = 0.0  # while in the future, the store is away and the writer waits to retry
+        self._retry_at = 0.0  # while in the future, the store is away and the thread waits to retry
         self._flush_until = 0.0  # while in the future, someone waits in `flush`: retry sooner
-        self._writer: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
         self._closed = False
-        self._stand_ins: dict[str, str] = {}  # stand-in → run id; the writer's alone
-
-    @classmethod
-    def start(
-        cls,
-        uri: str,
-        experiment_id: str,
-        study: str,
-        run_name: str,
-        unsent_path: Path,
-        parent_run_id: str | None = None,
-    ) -> StudyTracker:
-        """Opens a new parent run, or reopens `parent_run_id` when a study is resumed."""
-        client = _client(uri)
-        if parent_run_id is None:
-            tags = {"sbn.study": study, "sbn.kind": "study"}
-            parent_run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        else:
-            client.update_run(parent_run_id, status="RUNNING")
-        return cls(uri, experiment_id, parent_run_id, unsent_path)
-
-    def log_study_artifacts(self, files: Mapping[str, str]) -> None:
-        """Sent at once, not queued: called before any write is queued, so it never races the writer."""
-        for name, text in files.items():
-            self.client.log_text(self.parent_run_id, text, name)
+        self._stand_ins: dict[str, str] = {}  # stand-in → run id; the thread's alone
 
     def trial_run(
         self,
@@ -181,11 +154,11 @@ class StudyTracker:
             self._last_step[trial_id] = max(step, self._last_step.get(trial_id, -1))
             self._queue("metrics", self._runs[trial_id], arguments)
 
-    def log_study_metrics(self, metrics: Mapping[str, float]) -> None:
+    def log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
         """Metrics of the parent run (a final training's summary), queued behind the trials' writes."""
         arguments = {"metrics": dict(metrics), "step": 0, "timestamp": int(time.time() * 1000)}
         with self._changed:
-            self._queue("metrics", self.parent_run_id, arguments)
+            self._queue("metrics", self.handle.parent_run_id, arguments)
 
     def set_tags(self, trial_id: str, tags: Mapping[str, str]) -> None:
         with self._changed:
@@ -193,30 +166,25 @@ class StudyTracker:
 
     def finish_trial(self, trial_id: str, status: TrialStatus | str) -> None:
         status = TrialStatus(status)
-        mlflow_status = status.mlflow_status
         with self._changed:
             run_id = self._runs.get(trial_id)
             if run_id is None:
                 return
-            self._queue("tags", run_id, {"tags": {"sbn.status": status.value}})
-            self._queue("end", run_id, {"status": mlflow_status})
+            self._queue("tags", run_id, {"tags": {STATUS_TAG: status.value}})
+            self._queue("end", run_id, {"status": status.mlflow_status})
 
-    def finish_study(self, status: str) -> None:
-        """Ends the parent run, marks trials still open as killed, sends what it can within 30 s and stops
-        the writer; what is still unsent is left for `save_unsent`."""
+    def end_parent(self, status: str) -> None:
+        """Queues the end of the record: every trial run still open ends as killed, then the parent run."""
         with self._changed:
-            for run_id in list(self._runs.values()):
-                self._queue("end_if_running", run_id, {})
-            self._queue("end", self.parent_run_id, {"status": status})
-        self.flush(deadline_s=30.0)
-        self.close()
+            self._queue("end_open_trial_runs", self.handle.parent_run_id, {})
+            self._queue("end", self.handle.parent_run_id, {"status": status})
 
     def flush(self, deadline_s: float = 0.0, retry_away: bool = True) -> bool:
-        """Waits up to `deadline_s` for the writer to send everything queued, retrying a store that is away
+        """Waits up to `deadline_s` for the thread to send everything queued, retrying a store that is away
         every `FLUSH_RETRY_S` meanwhile; with `retry_away=False` it stops waiting as soon as the store is known
         to be away. True when nothing is left unsent."""
         with self._changed:
-            if deadline_s > 0 and self._writer is not None and not self._closed:
+            if deadline_s > 0 and self._thread is not None and not self._closed:
                 if retry_away:
                     now = time.monotonic()
                     self._flush_until = max(self._flush_until, now + deadline_s)
@@ -229,7 +197,8 @@ class StudyTracker:
             return not self._pending
 
     def close(self) -> None:
-        """Stops the writer once its current write is done (queued writes stay queued, for `save_unsent`).
+        """Stops the thread once its current write is done (queued writes stay queued, for `save_unsent`);
+        the record's next `writer()` is a new writer.
 
         Waits at most `CLOSE_WAIT_S` for that write: one stuck past it may be both sent and saved, which a
         replay turns into a duplicate point, never a lost one.
@@ -237,13 +206,16 @@ class StudyTracker:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-            writer = self._writer
-        if writer is not None:
-            writer.join(timeout=CLOSE_WAIT_S)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=CLOSE_WAIT_S)
+        with _active_lock:
+            if _active.get(self.handle) is self:
+                del _active[self.handle]
 
     def save_unsent(self) -> int:
-        """Stops the writer and writes what it could not send to a JSON-lines file (replayable); returns how
-        many writes. Stopping first means a saved write is never also sent.
+        """Stops the writer and appends what it could not send to the record's unsent-writes file (JSON
+        lines, replayable); returns how many writes. Stopping first means a saved write is never also sent.
 
         A run whose opening was never sent is named by its stand-in id; its `open_run` line comes first.
         """
@@ -254,8 +226,9 @@ class StudyTracker:
             self._pending.clear()
         if not unsent:
             return 0
-        self.unsent_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.unsent_path.open("a") as f:
+        path = self.handle.unsent_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
             for operation, run_id, arguments in unsent:
                 f.write(json.dumps({"operation": operation, "run_id": run_id, **arguments}) + "\n")
         return len(unsent)
@@ -270,17 +243,17 @@ class StudyTracker:
         return time.monotonic() < self._retry_at
 
     def _queue(self, operation: str, run_id: str, arguments: dict[str, Any]) -> None:
-        """Appends a write for the writer; the caller holds `_changed`. After `close` writes only queue."""
+        """Appends a write for the thread; the caller holds `_changed`. After `close` writes only queue."""
         self._pending.append((operation, run_id, arguments))
         if self._closed:
             return
-        if self._writer is None:
-            # Started on the first write: a tracker that only reads (or a callback that saw no trial) has none.
-            self._writer = threading.Thread(
+        if self._thread is None:
+            # Started on the first write: a writer that saw no trial (a callback of an empty run) has none.
+            self._thread = threading.Thread(
                 target=self._write_loop, name="sbn-study-mlflow-writer", daemon=True
             )
-            self._writer.start()
-            # A daemon writer dies with the interpreter: a process that ends without `save_unsent` (a second
+            self._thread.start()
+            # A daemon thread dies with the interpreter: a process that ends without `save_unsent` (a second
             # Ctrl-C inside Tune) still gets its queued writes sent or saved.
             atexit.register(_save_when_exiting, weakref.ref(self))
         self._changed.notify_all()
@@ -326,11 +299,9 @@ class StudyTracker:
             )
         elif operation == "end":
             self.client.set_terminated(run_id, status=arguments["status"])
-        elif operation == "end_if_running":
-            run = self.client.get_run(run_id)
-            if run.info.status == "RUNNING":
-                self.client.set_tag(run_id, "sbn.status", "killed")
-                self.client.set_terminated(run_id, status="KILLED")
+        elif operation == "end_open_trial_runs":
+            for run in trial_runs(self.client, self.handle.experiment_id, run_id):
+                end_if_running(self.client, run)
         else:
             raise ValueError(f"unknown tracking operation {operation!r}")
 
@@ -343,12 +314,9 @@ class StudyTracker:
         from mlflow.entities import Param
 
         trial_id = arguments["trial_id"]
+        handle = self.handle
         if "run_id" not in arguments:
-            found = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`sbn.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
-                max_results=1,
-            )
+            found = trial_runs(self.client, handle.experiment_id, handle.parent_run_id, trial_id)
             if found:
                 run_id = found[0].info.run_id
                 self.client.update_run(run_id, status="RUNNING")
@@ -357,13 +325,13 @@ class StudyTracker:
                 arguments["params_logged"] = bool(found[0].data.params)
             else:
                 all_tags = {
-                    "mlflow.parentRunId": self.parent_run_id,
-                    "sbn.trial_id": trial_id,
-                    "sbn.status": "running",
+                    PARENT_TAG: handle.parent_run_id,
+                    TRIAL_ID_TAG: trial_id,
+                    STATUS_TAG: TrialStatus.RUNNING.value,
                     **arguments["tags"],
                 }
                 run_id = self.client.create_run(
-                    self.experiment_id, run_name=arguments["run_name"], tags=all_tags
+                    handle.experiment_id, run_name=arguments["run_name"], tags=all_tags
                 ).info.run_id
                 arguments["found_step"] = -1
                 arguments["params_logged"] = False
