@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from sbn_study import cli
 from sbn_study.errors import UserError
-from sbn_study.results import analysis
-from sbn_study.trial.featstats import STAT_NAMES
+from sbn_study.results import analysis, importance
+from sbn_study.results.stats import t_interval
+from sbn_study.trial.featstats import MECHANISM_STATS, STAT_NAMES
 from tests.conftest import FinishedStudy
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s")
@@ -24,13 +27,16 @@ def copy_with_new_execution(
     folder: Path,
     trial_statuses: list[str],
     val_acc: Sequence[Sequence[float]] | None = None,
+    chosen: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """A copy of the small study's store with one more, later execution whose trials (no training, made by
     hand) ended with `trial_statuses`, with the per-epoch `val_acc` given for each (default: 0.5 at epoch 1);
     returns its tracking URI. The shared store stays untouched.
 
     Each made trial carries the params and `config.yaml` of one real trial of the study, as the tracker
-    logged them, so that `export` can write it out like any other trial."""
+    logged them, so that `export` can write it out like any other trial; with `chosen`, the params of each
+    made trial that the sampler chose instead (they replace the real trial's, and its `sbn.searched` tag
+    lists them)."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
@@ -49,9 +55,13 @@ def copy_with_new_execution(
     client.log_text(parent, yaml.safe_dump(study.spec.model_dump(mode="json")), "resolved.yaml")
     for i, status in enumerate(trial_statuses):
         trial_tags = {"mlflow.parentRunId": parent, "sbn.trial_id": f"made{i}", "sbn.status": status}
+        choices = chosen[i] if chosen else {}
+        if chosen:
+            trial_tags["sbn.searched"] = ",".join(sorted(choices))
         run = client.create_run(experiment_id, tags=trial_tags).info.run_id
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run, params=params[start : start + 100])
+        logged = [Param(p.key, str(choices[p.key])) if p.key in choices else p for p in params]
+        for start in range(0, len(logged), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run, params=logged[start : start + 100])
         client.log_text(run, config_yaml, "config.yaml")
         for epoch, value in enumerate(val_acc[i] if val_acc else [0.5], start=1):
             client.log_metric(run, "val_acc", value, step=epoch)
@@ -182,7 +192,9 @@ def test_feature_stats_name_sites_roles_and_stats(small_study: FinishedStudy) ->
     stats = analysis.feature_stats(small_study.tracking_uri, small_study.spec.name)
     columns = ["trial_id", "epoch", "site", "role", "base_site", "stat", "value", "status", "run_id"]
     assert list(stats.columns) == columns
-    assert set(stats["stat"]) == set(STAT_NAMES)
+    # The mechanism statistics (scale, additive share) exist at spectral sites only.
+    assert set(STAT_NAMES) <= set(stats["stat"]) <= {*STAT_NAMES, *MECHANISM_STATS}
+    assert set(stats.loc[stats.stat.isin(MECHANISM_STATS), "role"]) <= {"sbn"}
     assert set(stats["role"]) <= {"bn", "sbn", "bn2", "norm"}
     assert set(stats["trial_id"]) == set(statuses(small_study))
     assert stats.groupby("trial_id")["epoch"].min().eq(0).all()  # initialization is measured
@@ -203,31 +215,81 @@ def test_feature_stats_name_sites_roles_and_stats(small_study: FinishedStudy) ->
 @pytest.mark.slow
 def test_param_importance_and_best_trials(small_study: FinishedStudy) -> None:
     table = analysis.trials(small_study.tracking_uri, small_study.spec.name)
-    importance = analysis.param_importance(table, "best_val_acc", statuses=("completed", "stopped_early"))
-    assert set(importance.index) <= set(small_study.spec.search.space) and len(importance) > 0
-    assert math.isclose(importance.sum(), 1.0, rel_tol=1e-6) or importance.sum() == 0
-    assert list(importance) == sorted(importance, reverse=True)
-    with pytest.raises(ValueError, match="at least 2 trials"):
-        analysis.param_importance(table.head(1), "val_acc", statuses=("completed", "stopped_early"))
+    ranked = importance.param_importance(
+        table, "best_val_acc", statuses=("completed", "stopped_early"), bootstrap=importance.Bootstrap(8)
+    )
+    space = small_study.spec.search.space
+    assert set(ranked.index) == set(space)
+    # A conditional parameter (the quick-start's SBN settings) rests on the trials that sampled it.
+    rated = table[table.status.isin(["completed", "stopped_early"])]
+    sampled = {key: sum(key in row.split(",") for row in rated.searched) for key in space}
+    assert ranked["n"].to_dict() == sampled
+    assert ranked["conditional"].to_dict() == {key: bool(dist.when) for key, dist in space.items()}
+    # The parameters every trial has are rated together: their shares of the variance add up to 1.
+    together = ranked.loc[ranked["n"] == len(rated), "importance"]
+    assert math.isclose(together.sum(), 1.0, rel_tol=1e-6) or together.isna().all()
+    assert list(together) == sorted(together, reverse=True)
+    assert all(w.startswith(("only ", "never sampled")) for w in ranked["warning"])  # of 6 trials
 
     best = analysis.best_trials(table, k=3)
     assert len(best) == 3
     assert list(best["best_val_acc"]) == sorted(table["best_val_acc"], reverse=True)[:3]
+    full = list(analysis.best_trials(table, k=len(table))["full_budget"])  # in rank order
+    assert list(best["outranks_full_budget"]) == [not full[i] and any(full[i + 1 :]) for i in range(3)]
     assert (
         list(analysis.best_trials(table, "val_loss", "min", k=2)["val_loss"]) == sorted(table["val_loss"])[:2]
     )
 
 
 @pytest.mark.slow
-def test_group_summary_means_stds_and_intervals(small_study: FinishedStudy) -> None:
+def test_group_summary_means_stds_and_t_intervals(small_study: FinishedStudy) -> None:
     table = analysis.trials(small_study.tracking_uri, small_study.spec.name)
     summary = analysis.group_summary(table, "arm", "best_val_acc")
     for arm, group in table.groupby("arm"):
-        values = group["best_val_acc"]
+        values = list(group["best_val_acc"])
         row = summary.loc[arm]
-        assert row["n"] == len(values) and math.isclose(row["mean"], values.mean())
-        assert row["ci_low"] <= row["mean"] <= row["ci_high"]
-        assert math.isnan(row["std"]) if len(values) == 1 else math.isclose(row["std"], values.std(ddof=1))
+        assert row["n"] == len(values)
+        assert row[["mean", "std", "ci_low", "ci_high"]].tolist() == pytest.approx(
+            t_interval(values), nan_ok=True
+        )
+
+
+@pytest.mark.slow
+def test_rungs_fidelity_and_importance_from_a_store(
+    small_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Made by hand so that every number is known: three trials completed the 3 epochs, the last two of them
+    # swapped places after the rung (epoch 1; ρ = 1 − 6·2/(3·8) = 0.5), three were stopped there; three
+    # trials sampled fft_norm, two of them went on.
+    chosen = [
+        {
+            "norm.placement": placement,
+            "norm.momentum": 0.05 * (i + 1),
+            "norm.eps": 1e-4,
+            "train.weight_decay": 1e-4 * (i + 1),
+            "train.lr": 0.02 * (i + 1),
+            **({"norm.fft_norm": "ortho" if i % 2 else "backward"} if i in (0, 1, 3) else {}),
+        }
+        for i, placement in enumerate(["none", "3", "23", "123", "all", "3"])
+    ]
+    statuses = ["completed"] * 3 + ["stopped_early"] * 3
+    val_acc = [[0.3, 0.5, 0.7], [0.2, 0.4, 0.6], [0.1, 0.6, 0.65], [0.05], [0.01], [0.02]]
+    uri = copy_with_new_execution(small_study, tmp_path, statuses, val_acc, chosen)
+    name = small_study.spec.name
+    table = analysis.trials(uri, name)
+    curves = analysis.curves(uri, name, ["val_acc"])
+    rungs = importance.study_rungs(table, small_study.spec.search.scheduler)
+    assert rungs == importance.Rungs("val_acc", 3, (1,))
+    fidelity = importance.rung_fidelity(curves, rungs)
+    assert fidelity.to_dict("records") == [{"rung": 1, "against": 3, "n": 3, "rho": pytest.approx(0.5)}]
+    rated = importance.rung_importance(curves, table, rungs, bootstrap=importance.Bootstrap(8))
+    n = rated.pivot(index="parameter", columns="epoch", values="n")
+    assert n.to_dict("index") == {
+        key: {1: 3, 3: 2} if key == "norm.fft_norm" else {1: 6, 3: 3} for key in n.index
+    }
+    assert set(n.index) == set(small_study.spec.search.space)
+    assert cli.main(["report", name, "--tracking-uri", uri]) == 0
+    assert "fidelity: rung 1 → final: Spearman ρ = 0.50 (n = 3)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

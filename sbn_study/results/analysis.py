@@ -13,13 +13,12 @@ import ast
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 from mlflow.entities import Metric, Run
@@ -27,8 +26,10 @@ from mlflow.tracking import MlflowClient
 
 from sbn_study.errors import UserError, one_line
 from sbn_study.protocol import BETTER, EPOCH_METRICS, FEATURE_PREFIX
-from sbn_study.spec import Distribution, StudySpec
+from sbn_study.results.stats import CONFIDENCE, t_interval
+from sbn_study.spec import StudySpec
 from sbn_study.spec.config import TrialConfig, flatten
+from sbn_study.store.runs import trial_runs
 from sbn_study.store.uri import redact_uri
 
 # A composite norm site X (see sbn_study.trial.norms) is measured as X.bn, then X.sbn (SBN) or X.bn2 (2bn control).
@@ -105,14 +106,8 @@ def load_study(uri: str, study: str, execution: str | None = None) -> StudyRuns:
             known = ", ".join(p.info.run_name for p in parents)
             raise UserError(f"study '{study}' has no execution '{execution}' (executions: {known})")
         parent = matches[0]
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=50000,
-    )
-    trial_runs = tuple(run for run in runs if "sbn.trial_id" in run.data.tags)
-    return StudyRuns(client, study, experiment_id, parent, trial_runs, _resolved_spec(client, study, parent))
+    runs = tuple(trial_runs(client, experiment_id, parent.info.run_id))
+    return StudyRuns(client, study, experiment_id, parent, runs, _resolved_spec(client, study, parent))
 
 
 def _experiment_id(client: MlflowClient, uri: str, study: str) -> str:
@@ -324,100 +319,35 @@ def best_trials(
     table: pd.DataFrame, metric: str | None = None, mode: str | None = None, k: int = 5
 ) -> pd.DataFrame:
     """The `k` best rows of a `trials` table by the column `metric` (default: `best_<study metric>`; the plain
-    name is the final value), in `mode` (default: the study's); rows without a value are left out."""
+    name is the final value), in `mode` (default: the study's); rows without a value are left out.
+
+    Rows keep the order of their scores, full budget or not: the order `sbn-study export` writes, which
+    warns of each config whose trial did not reach the full budget. The column `outranks_full_budget` flags
+    the rows that matter: a trial stopped before the full budget (epochs below the table's budget) ranked
+    above one that reached it, i.e. a score of a shorter run placed above a full-budget one.
+    """
     metric = metric or f"best_{table.attrs['metric']}"
     mode = mode or table.attrs["mode"]
     scored = table[table[metric].notna()]
-    return scored.sort_values(metric, ascending=mode == "min", kind="stable").head(k)
-
-
-def param_importance(
-    table: pd.DataFrame,
-    metric: str,
-    *,
-    statuses: Sequence[str] = ("completed",),
-    space: Mapping[str, Any] | None = None,
-    seed: int = 0,
-) -> pd.Series:
-    """fANOVA importance of each searched parameter for the column `metric`, over the trials with one of
-    `statuses` (by default those that reached the full budget, so that values are comparable), sorted.
-
-    The trials go into an in-memory Optuna study with the spec's distributions (`space`: dotted key →
-    distribution as a spec writes it; default: the table's `attrs`), each with the parameters the sampler
-    chose for it, then `optuna.importance.get_param_importances` ranks them. Raises ValueError with fewer
-    than two usable trials.
-    """
-    import optuna
-
-    from sbn_study.tune.search import suggest
-
-    written = space if space is not None else table.attrs.get("space")
-    if not written:
-        raise ValueError("param_importance needs the search space: pass space= or a table from trials()")
-    distributions = {
-        key: dist if isinstance(dist, Distribution) else Distribution.model_validate(dist)
-        for key, dist in written.items()
-    }
-    rows = table[table["status"].isin(statuses) & table[metric].notna()]
-    if len(rows) < 2:
-        raise ValueError(
-            f"param_importance needs at least 2 trials with status {' or '.join(statuses)} and a {metric}, "
-            f"got {len(rows)}"
-        )
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line per call
-    try:
-        # The Optuna distributions of the spec's, exactly as the study's sampler declared them.
-        declared = optuna.create_study().ask()
-        for key, dist in distributions.items():
-            suggest(declared, key, dist)
-        study = optuna.create_study()  # its direction does not matter: fANOVA decomposes the variance
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    for record in rows.to_dict("records"):
-        # A conditional parameter's column holds the base value where it was not sampled: leave it out there.
-        sampled = record["searched"].split(",") if "searched" in record else distributions
-        chosen = [k for k in sampled if k in distributions and k in record]
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={k: record[k] for k in chosen},
-                distributions={k: declared.distributions[k] for k in chosen},
-                value=float(record[metric]),
-            )
-        )
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    return pd.Series(importances, name=f"importance for {metric}", dtype=float).sort_values(ascending=False)
+    ranked = scored.sort_values(metric, ascending=mode == "min", kind="stable")
+    short = (ranked["epochs"] < table.attrs["budget"]).to_numpy()
+    full_below = (~short)[::-1].cumsum()[::-1] > 0  # whether a full-budget trial ranks here or lower
+    return ranked.assign(outranks_full_budget=short & full_below).head(k)
 
 
 def group_summary(
-    table: pd.DataFrame,
-    by: str | Sequence[str],
-    value: str,
-    *,
-    confidence: float = 0.95,
-    n_boot: int = 2000,
-    seed: int = 0,
+    table: pd.DataFrame, by: str | Sequence[str], value: str, *, confidence: float = CONFIDENCE
 ) -> pd.DataFrame:
-    """Per group of `by`: n, mean, std (ddof 1) and a percentile-bootstrap confidence interval of the mean of
-    `value` (ci_low, ci_high), rows without a value left out."""
-    rng = np.random.default_rng(seed)
-    tail = (1 - confidence) / 2 * 100
+    """Per group of `by`: n, mean, std (ddof 1) and the Student-t `confidence` interval of the mean of
+    `value` (ci_low, ci_high; n − 1 degrees of freedom, NaN for a group of one), rows without a value left
+    out. A t interval, not a bootstrap: a group holds a handful of trials, where a percentile bootstrap of
+    the mean is too narrow."""
     rows = []
     for key, group in table[table[value].notna()].groupby(by, sort=True):
-        values = group[value].to_numpy(dtype=float)
-        means = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(axis=1)
-        low, high = np.percentile(means, [tail, 100 - tail])
-        std = values.std(ddof=1) if len(values) > 1 else math.nan
+        values = group[value].to_list()
+        mean, std, low, high = t_interval(values, confidence)
         rows.append(
-            {
-                "group": key,
-                "n": len(values),
-                "mean": values.mean(),
-                "std": std,
-                "ci_low": low,
-                "ci_high": high,
-            }
+            {"group": key, "n": len(values), "mean": mean, "std": std, "ci_low": low, "ci_high": high}
         )
     return pd.DataFrame(rows, columns=["group", "n", "mean", "std", "ci_low", "ci_high"]).set_index("group")
 
