@@ -29,6 +29,7 @@ ORDER = (
     "feature_stats",
     "robustness",
     "tracking",
+    "checkpoint",
     "study",
 )
 

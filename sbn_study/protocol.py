@@ -36,6 +36,10 @@ INITIAL_FEATURES_KEY = "fm_init"
 # holds: writes still queued when a driver was killed would otherwise be lost for good, since the trial does
 # not train those epochs again. The driver logs those the trial's run does not have yet.
 REPLAY_KEY = "replay"
+# What a domain-generalization trial measures on its held-out target domains (`sbn_study.trial.domain_train`):
+# `target_acc`, `target_loss`, per domain `target_acc/<domain>`, BNE's `target_w2/...` and `target_weight/...`.
+# Logged, never a search metric nor ranked: no choice a study makes may see the target.
+TARGET_PREFIX = "target_"
 
 
 class TrialStatus(str, Enum):
@@ -83,7 +87,8 @@ def worst_values(metrics: Sequence[str], modes: Sequence[str]) -> dict[str, floa
 
 
 def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a result worth recording: the per-epoch metrics and the feature statistics."""
+    """The numbers of a result worth recording: the per-epoch metrics, the feature statistics and the target
+    domains' measurements."""
     metrics = {k: float(result[k]) for k in EPOCH_METRICS if k in result}
-    metrics.update((k, float(v)) for k, v in result.items() if k.startswith(FEATURE_PREFIX))
+    metrics.update((k, float(v)) for k, v in result.items() if k.startswith((FEATURE_PREFIX, TARGET_PREFIX)))
     return metrics

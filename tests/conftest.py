@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
+DOMAINS_QUICKSTART = REPO / "search_spaces" / "domains_quickstart.yaml"
 
 # The small study the end-to-end tests share: the quick-start spec, cut down to seconds.
 SMALL_STUDY_OVERRIDES = [
@@ -68,13 +69,16 @@ class FinishedStudy:
     tracking_uri: str
 
 
-def run_small_study(output: Path, overrides: list[str] | None = None) -> FinishedStudy:
+def run_small_study(
+    output: Path, overrides: list[str] | None = None, path: Path = QUICKSTART
+) -> FinishedStudy:
+    """The spec at `path` (a tiny model's) cut down by SMALL_STUDY_OVERRIDES, then `overrides`, run to the end."""
     from sbn_study.spec import load_spec
     from sbn_study.study.lifecycle import RunOptions, run_study
 
-    spec = load_spec(QUICKSTART, SMALL_STUDY_OVERRIDES + (overrides or []))
+    spec = load_spec(path, SMALL_STUDY_OVERRIDES + (overrides or []))
     options = RunOptions(output=output, progress_interval_s=60.0)
-    outcome = run_study(spec, QUICKSTART.read_text(), options)
+    outcome = run_study(spec, path.read_text(), options)
     return FinishedStudy(spec, outcome, output, f"sqlite:///{output / 'mlflow.db'}")
 
 
@@ -83,6 +87,26 @@ def small_study(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> 
     """A finished 6-trial study through real Ray Tune, Optuna (TPE), ASHA and MLflow (sqlite)."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     return run_small_study(tmp_path_factory.mktemp("small-study"))
+
+
+# The domain-generalization quick start cut down to seconds: 4 trials of 4 folds on 96 images per domain.
+DOMAIN_STUDY_OVERRIDES = [
+    "name=e2e-domains",
+    "search.num_samples=4",
+    "data.synthetic_domains.images_per_domain=96",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "features.enabled=true",
+]
+
+
+@pytest.fixture(scope="session")
+def domain_study(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> FinishedStudy:
+    """The domain-generalization quick start, finished through Ray Tune, Optuna (TPE), ASHA and MLflow."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        output = tmp_path_factory.mktemp("domain-study")
+        return run_small_study(output, DOMAIN_STUDY_OVERRIDES, DOMAINS_QUICKSTART)
 
 
 @dataclass(frozen=True)

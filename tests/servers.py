@@ -145,11 +145,7 @@ class MlflowServer:
         raise TimeoutError(f"mlflow server not healthy after {timeout_s:.0f} s:\n{_tail(self.log)}")
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return _answers(f"{self.uri}/health")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM lets it finish; SIGKILL is a crash (the store stays consistent: sqlite journals)."""
@@ -169,6 +165,35 @@ def mlflow_server(root: Path) -> Iterator[MlflowServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def sbn_study_ui(output: Path, log: Path, timeout_s: float = 120.0) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`sbn-study ui` on the store in `output`, on a free port, its output in `log`: (process, port) once it
+    answers /health; its whole process tree ends afterwards."""
+    port = free_port()
+    command = [sys.executable, "-m", "sbn_study.cli", "ui", "--output", str(output), "--port", str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _answers(f"http://{HOST}:{port}/health"):
+            assert process.poll() is None, _tail(log)
+            assert time.monotonic() < deadline, _tail(log)
+            time.sleep(0.5)
+        yield process, port
+    finally:
+        kill_tree(process)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 @dataclass

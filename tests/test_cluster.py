@@ -241,6 +241,56 @@ def test_a_node_leaves_and_its_trial_moves_on_from_its_checkpoint(tmp_path: Path
         server.stop()
 
 
+def test_ray_client_study_stopped_with_ctrl_c_resumes_on_the_cluster(tmp_path: Path) -> None:
+    server, cluster = start_servers(tmp_path)
+    driver = None
+    try:
+        # One trial per node, each stopped midway and continued by --resume from its own file in `storage:`.
+        overrides = [
+            "search.num_samples=2",
+            "train.epochs=3",
+            "search.scheduler.type=none",
+            "resources.cpu=1",
+            f"storage={tmp_path / 'storage'}",
+        ]
+        command = driver_command(
+            tmp_path / "out",
+            "client-resume",
+            overrides,
+            "--address",
+            cluster.client_address,
+            "--tracking-uri",
+            server.uri,
+        )
+        log = tmp_path / "driver.log"
+        driver = start_driver(command, cluster.env, log)
+
+        def a_result() -> bool:
+            return any("val_acc" in r.data.metrics for r in trial_runs(server.uri, "client-resume"))
+
+        wait_for(a_result, 120, "a first trial result", driver, log)
+        # Ctrl-C reaches only this machine; ending the Ray Client session ends Tune's loop on the head as a
+        # killed driver would end it, at whatever instant it was in.
+        driver.send_signal(signal.SIGINT)
+        code, output = wait_driver(driver, log, timeout_s=60)
+        assert code == 130, output[-4000:]
+        assert "study 'client-resume' interrupted" in output
+
+        # Tune restores on the head, from the storage only the cluster is meant to read.
+        log = tmp_path / "resume.log"
+        driver = start_driver([*command, "--resume"], cluster.env, log)
+        code, output = wait_driver(driver, log, timeout_s=150)
+        assert code == 0, output[-4000:]
+        assert "study 'client-resume' finished: 2 completed" in output
+        assert "Traceback" not in output
+        assert_one_ended_run_per_trial(server.uri, "client-resume", trials=2, epochs=3)
+    finally:
+        if driver is not None:
+            kill_tree(driver)
+        cluster.shutdown()
+        server.stop()
+
+
 def test_tracking_server_outage_mid_study_loses_no_metric(tmp_path: Path) -> None:
     # The embedded local Ray of the driver is enough here: what goes away is the tracking server.
     env = cluster_env("outage-test-token")

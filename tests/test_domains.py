@@ -230,16 +230,16 @@ def test_a_damaged_cache_is_rebuilt_and_an_unwritable_root_still_loads(
 
 def test_synthetic_domains_are_deterministic_and_shaped() -> None:
     cfg = SyntheticDomainsConfig(num_classes=5, images_per_domain=40, seed=3)
-    first, second = synthetic_domains(cfg), load_domains("synthetic", "unused", 32, cfg)
+    first, second = synthetic_domains(cfg), load_domains("synthetic_domains", "unused", 32, cfg)
     assert first.domain_names == ("plain", "tinted", "faded", "grey")
-    assert first.num_classes == num_domain_classes("synthetic", "unused", cfg) == 5
+    assert first.num_classes == num_domain_classes("synthetic_domains", "unused", cfg) == 5
     for name, split in first.domains.items():
         assert split.images.shape == (40, 3, 32, 32) and split.images.dtype == torch.uint8
         assert torch.equal(split.images, second.domains[name].images)
         assert torch.bincount(split.labels, minlength=5).tolist() == [8] * 5
     other = synthetic_domains(SyntheticDomainsConfig(num_classes=5, images_per_domain=40, seed=4))
     assert not torch.equal(first.domains["plain"].images, other.domains["plain"].images)
-    small = load_domains("synthetic", "unused", 16, cfg)
+    small = load_domains("synthetic_domains", "unused", 16, cfg)
     assert small.domains["grey"].images.shape == (40, 3, 16, 16)
     # the grey domain has no colour: its channels are equal up to rounding and the shared per-pixel noise
     grey = first.domains["grey"].images.float()
@@ -298,8 +298,13 @@ def test_leave_one_domain_out() -> None:
     split = leave_one_domain_out(dataset, "faded", val_fraction=0.2, seed=1)
     assert split.sources == ("plain", "tinted", "grey") and split.target == "faded"
     data = split.data
-    assert data.num_classes == 3 and data.name == "synthetic:faded"
-    assert torch.equal(data.test.images, dataset.domains["faded"].images)
+    assert data.num_classes == 3 and data.name == "synthetic_domains:faded"
+    # all of the target, each image once with its label, shuffled out of the files' class order
+    faded = dataset.domains["faded"]
+    assert not torch.equal(data.test.labels, faded.labels)
+    assert sorted(
+        zip(data.test.images.flatten(1).tolist(), data.test.labels.tolist(), strict=True)
+    ) == sorted(zip(faded.images.flatten(1).tolist(), faded.labels.tolist(), strict=True))
     assert split.train_domains.tolist() == [i for i in range(3) for _ in range(40)]
     assert split.val_domains.tolist() == [i for i in range(3) for _ in range(10)]
     assert (data.mean, data.std) == _channel_stats(data.train.images)
@@ -314,5 +319,7 @@ def test_leave_one_domain_out() -> None:
     other = leave_one_domain_out(dataset, "faded", val_fraction=0.2, seed=2)
     assert not torch.equal(other.data.val.images, data.val.images)
     assert len(leave_one_domain_out(dataset, "plain", val_fraction=0.0).data.val) == 0
-    with pytest.raises(UserError, match="'sketch' is not a domain of synthetic: plain, tinted, faded, grey"):
+    with pytest.raises(
+        UserError, match="'sketch' is not a domain of synthetic_domains: plain, tinted, faded, grey"
+    ):
         leave_one_domain_out(dataset, "sketch")

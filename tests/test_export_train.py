@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from sbn_study import cli
-from sbn_study.final.training import SeedResult, summarize
 from sbn_study.results.export import Provenance
 from sbn_study.spec.config import TrialConfig, flatten
 from tests.conftest import FinishedStudy
@@ -54,36 +53,13 @@ def test_validate_checks_a_final_config_like_a_spec(
         "error: train.bogus: unknown key",
         *(
             f"error: provenance.{key}: missing required key"
-            for key in Provenance.model_fields
-            if key != "study"
+            for key, field in Provenance.model_fields.items()
+            if key != "study" and field.is_required()
         ),
-        "error: norm.kind: expected one of 2bn, bgn, bn, bnscale, gn, iebn, none, sbn, sbn_center, sbn_noaffine, "
-        "sbn_nospike, sbn_var, scale, spike, got 'foo'",
+        "error: norm.kind: expected one of 2bn, bgn, bn, bnscale, cbn, gn, iebn, mbn, none, proxynorm, sbn, "
+        "sbn_center, sbn_noaffine, sbn_nospike, sbn_var, scale, spike or package.module:Factory, got 'foo'",
         "error: norm.placement: stage 4 does not exist in tiny (stages 1-3)",
     ]
-
-
-def test_paired_difference_is_a_student_t_interval_over_shared_seeds() -> None:
-    from scipy import stats
-
-    config = [0.90, 0.92, 0.91, 0.95]
-    baseline = [0.89, 0.90, 0.91, math.nan]  # seed 3 of the baseline failed: not a pair
-    results = [SeedResult("config", s, "r", "completed", a, 0.0, 0.0, 1, 1) for s, a in enumerate(config)]
-    results += [
-        SeedResult("baseline", s, "r", "completed" if s < 3 else "error", a, 0.0, 0.0, 1, 1)
-        for s, a in enumerate(baseline)
-    ]
-    arms, diff = summarize(results)
-    assert arms["config"].n == 4 and math.isclose(arms["config"].mean, statistics.fmean(config))
-    assert math.isclose(arms["config"].std, statistics.stdev(config))
-    assert arms["baseline"].n == 3 and math.isclose(arms["baseline"].std, statistics.stdev(baseline[:3]))
-    d = [c - b for c, b in zip(config[:3], baseline[:3], strict=True)]
-    half = stats.t.ppf(0.975, 2) * statistics.stdev(d) / math.sqrt(3)
-    assert diff is not None and diff.n == 3
-    assert math.isclose(diff.mean, statistics.fmean(d))
-    assert math.isclose(diff.low, statistics.fmean(d) - half) and math.isclose(
-        diff.high, statistics.fmean(d) + half
-    )
 
 
 def test_a_seed_tests_the_weights_of_its_best_validation_epoch_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,7 +172,7 @@ def test_export_writes_top_k_configs_that_validate_and_carry_provenance(
     assert code == 0
     paths = sorted(tmp_path.glob("*.yaml"))
     assert [p.name.split("-")[2] for p in paths] == ["top1", "top2", "top3", "top4"]
-    table = trials(uri, "e2e-small").set_index("trial_id")
+    table = trials(uri, "e2e-small", all_params=True).set_index("trial_id")
     client = MlflowClient(uri)
     values = []
     for rank, path in enumerate(paths, start=1):
@@ -219,6 +195,8 @@ def test_export_writes_top_k_configs_that_validate_and_carry_provenance(
         )
         assert p["full_budget"] == (row["status"] == "completed") == (p["status"] == "completed")
         assert p["execution"] == small_study.outcome.parent_run_id
+        # The small study does not search train.seed: every trial trained with the base seed.
+        assert p["search_seeds"] == sorted({int(v) for v in table["train.seed"]}) == [0]
         # The trial's resolved configuration, exactly as MLflow recorded it.
         assert {k: str(v) for k, v in flatten(document).items()} == client.get_run(p["run_id"]).data.params
         values.append(p["value"])
@@ -309,8 +287,8 @@ def test_train_runs_seeds_and_baseline_on_ray_and_reports_the_paired_difference(
     assert run_cli(capsys, "train", str(config_path), "--baseline", "--set", "norm.placement=none") == (
         2,
         "",
-        "error: --baseline: this configuration has norm.placement none, so it already is the plain-BN "
-        "baseline\n",
+        "error: --arms: this configuration has norm.placement none, so it already is the plain-BN baseline "
+        "and leaves the arms no site (--set norm.placement=... gives it one)\n",
     )
     output = tmp_path / "final"
     code, out, err = run_cli(
@@ -318,7 +296,7 @@ def test_train_runs_seeds_and_baseline_on_ray_and_reports_the_paired_difference(
         "train",
         str(config_path),
         "--seeds",
-        "0,1",
+        "1,2",  # the search trained with seed 0 only
         "--baseline",
         "--set",
         "train.epochs=2",
@@ -328,6 +306,7 @@ def test_train_runs_seeds_and_baseline_on_ray_and_reports_the_paired_difference(
         str(output),
     )
     assert code == 0, err
+    assert "--seeds" not in err
     assert ray.is_initialized()  # the session's Ray was used, and left running
 
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
@@ -336,11 +315,13 @@ def test_train_runs_seeds_and_baseline_on_ray_and_reports_the_paired_difference(
     accuracy = {
         (r.data.tags["sbn.arm"], int(r.data.tags["sbn.seed"])): r.data.metrics["test_acc"] for r in runs
     }
-    assert sorted(accuracy) == [("baseline", 0), ("baseline", 1), ("config", 0), ("config", 1)]
+    assert sorted(accuracy) == [("bn", 1), ("bn", 2), ("config", 1), ("config", 2)]
+    base = small_study.spec.base_config()
     for run in runs:
         tags, params = run.data.tags, run.data.params
         assert tags["sbn.source_run"] == source["provenance"]["run_id"] and tags["sbn.status"] == "completed"
         assert params["train.epochs"] == "2" and params["train.seed"] == tags["sbn.seed"]
+        assert tags["sbn.arm_values"] == "recipe"
         assert {"test_acc", "test_loss", "val_acc", "train_loss"} <= set(run.data.metrics)
         val_acc = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
         assert [m.step for m in val_acc] == [1, 2]
@@ -348,21 +329,23 @@ def test_train_runs_seeds_and_baseline_on_ray_and_reports_the_paired_difference(
         best = max(val_acc, key=lambda m: (m.value, -m.step))
         assert tags["sbn.best_epoch"] == str(best.step) and run.data.metrics["best_val_acc"] == best.value
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [best.step]
-        if tags["sbn.arm"] == "baseline":
+        if tags["sbn.arm"] == "bn":
             assert (params["norm.kind"], params["norm.placement"]) == ("bn", "none")
+            # The study tuned weight decay and lr for the config: the baseline takes the recipe's values.
+            assert (params["train.weight_decay"], params["train.lr"]) == tuple(
+                str(v) for v in (base.train.weight_decay, base.train.lr)
+            )
         else:
             assert (params["norm.kind"], params["norm.placement"]) == (source["norm"]["kind"], "23")
+            assert params["train.weight_decay"] == str(source["train"]["weight_decay"])
 
     lines = out.splitlines()
-    for arm in ("config", "baseline"):
-        values = [accuracy[arm, seed] for seed in (0, 1)]
-        expected = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}  (n=2)"
-        assert any(line.startswith(f"  {arm} ") and line.endswith(expected) for line in lines), (arm, out)
-    paired = [accuracy["config", seed] - accuracy["baseline", seed] for seed in (0, 1)]
+    assert lines[1].startswith("arm values: the arms take the recipe's base values of what study 'e2e-small'")
+    paired = [accuracy["bn", seed] - accuracy["config", seed] for seed in (1, 2)]
     mean, half = statistics.fmean(paired), stats.t.ppf(0.975, 1) * statistics.stdev(paired) / math.sqrt(2)
-    assert (
-        f"paired difference config − baseline: {mean:+.4f}, 95% CI [{mean - half:+.4f}, {mean + half:+.4f}] "
-        "(Student t, n=2 seeds)"
-    ) in lines
-    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"]).data.metrics
-    assert math.isclose(parent["paired_diff/test_acc_mean"], mean, abs_tol=1e-12)
+    bn_row = next(line for line in lines if line.startswith("| bn | 2/2 | 0 | 0 |"))
+    assert f"{mean:+.4f}" in bn_row and f"[{mean - half:.4f}, {mean + half:.4f}] (n=2)" in bn_row
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert math.isclose(parent.data.metrics["diff/bn/test_acc_mean"], mean, abs_tol=1e-12)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison.tex", "forest_plot.png", "config.yaml"} <= artifacts

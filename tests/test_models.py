@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -159,8 +162,8 @@ def test_invalid_placement_and_kind_surface_as_user_errors() -> None:
     with pytest.raises(UserError) as info:
         create_model("resnet20", 10, "xyz", "none")
     assert str(info.value) == (
-        "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, bnscale, gn, iebn, none, sbn, sbn_center, "
-        "sbn_noaffine, sbn_nospike, sbn_var, scale, spike"
+        "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, bnscale, cbn, gn, iebn, mbn, none, proxynorm, sbn, "
+        "sbn_center, sbn_noaffine, sbn_nospike, sbn_var, scale, spike"
     )
 
 
@@ -181,3 +184,53 @@ def test_create_model_from_config_passes_the_arch_options() -> None:
 def test_importing_models_does_not_import_torch() -> None:
     code = "import sys, sbn_study.trial.models; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], check=True)
+
+
+# --- the norm-act slot left every earlier kind as it was --------------------------------------------------
+
+BEFORE_NORM_ACT = json.loads((Path(__file__).parent / "data" / "models_before_norm_act.json").read_text())
+EARLIER_KINDS = sorted({key.split("/")[1] for key in BEFORE_NORM_ACT["models"]})
+
+
+def _digest(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _as_recorded(arch: str, kind: str, outputs: bool) -> dict[str, Any]:
+    """What the recording holds for `create_model(arch, 10, kind, "all")`, built as it was built."""
+    torch.manual_seed(0)
+    model = create_model(arch, 10, kind, "all")
+    built: dict[str, Any] = {
+        "state_dict": _digest(list(model.state_dict())),
+        "parameters": _digest([name for name, _ in model.named_parameters()]),
+        "sites": _digest(norm_sites(model)),
+    }
+    if outputs:
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            built["train"] = model(x).flatten().tolist()
+            built["eval"] = model.eval()(x).flatten().tolist()
+    return built
+
+
+def _check(arch: str, kind: str, outputs: bool) -> None:
+    recorded = BEFORE_NORM_ACT["models"][f"{arch}/{kind}"]
+    built = _as_recorded(arch, kind, outputs)
+    for key, value in built.items():
+        if key in ("train", "eval"):
+            assert value == pytest.approx(recorded[key], abs=2e-6), (arch, kind, key)
+        else:
+            assert value == recorded[key], (arch, kind, key)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "tiny", "vgg16_bn"])
+def test_every_earlier_kind_keeps_its_state_dict_parameter_and_site_names(arch: str) -> None:
+    for kind in EARLIER_KINDS:
+        _check(arch, kind, outputs=arch == "tiny" or kind in ("bn", "sbn"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn"])
+def test_every_earlier_kind_computes_what_it_computed_before_the_norm_act_slot(arch: str) -> None:
+    for kind in EARLIER_KINDS:
+        _check(arch, kind, outputs=True)

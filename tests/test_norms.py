@@ -17,6 +17,7 @@ from sbn_study.trial.norms import (
     norm_sites,
     parse_placement,
 )
+from sbn_study.trial.proxynorm import ProxyNormAct2d
 from sbn_study.trial.sbn import SpectralBatchNorm2d
 
 
@@ -26,9 +27,12 @@ def test_norm_kinds_are_the_registry_keys_sorted() -> None:
         "bgn",
         "bn",
         "bnscale",
+        "cbn",
         "gn",
         "iebn",
+        "mbn",
         "none",
+        "proxynorm",
         "sbn",
         "sbn_center",
         "sbn_noaffine",
@@ -45,8 +49,8 @@ def test_unknown_norm_kind_lists_the_known_ones() -> None:
     with pytest.raises(UserError) as info:
         get_norm_layer("xyz")
     assert str(info.value) == (
-        "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, bnscale, gn, iebn, none, sbn, sbn_center, "
-        "sbn_noaffine, sbn_nospike, sbn_var, scale, spike"
+        "norm.kind: unknown norm 'xyz'; known: 2bn, bgn, bn, bnscale, cbn, gn, iebn, mbn, none, proxynorm, sbn, "
+        "sbn_center, sbn_noaffine, sbn_nospike, sbn_var, scale, spike"
     )
 
 
@@ -254,3 +258,30 @@ def test_norm_parameters_are_exactly_the_norm_affine_parameters() -> None:
     ]
     assert params == {id(p) for p in expected}
     assert all(id(p) not in params for p in [*model[0].parameters(), *model[4].parameters()])
+
+
+def test_the_norm_act_slot_is_the_norm_and_a_relu_for_every_kind_but_proxynorm() -> None:
+    for kind in NORM_KINDS:
+        policy = NormPlacement(NormConfig(kind=kind, placement="1"), "toy", 1)
+        norm, act = policy.norm_act(4, 1)
+        if kind == "proxynorm":
+            assert isinstance(norm, nn.GroupNorm) and not norm.affine and isinstance(act, ProxyNormAct2d)
+        else:
+            assert type(norm) is type(policy(4, 1)) and type(act) is nn.ReLU, kind
+        plain, relu = policy.norm_act(4, 0)
+        assert type(plain) is nn.BatchNorm2d and type(relu) is nn.ReLU
+
+
+def test_the_new_kinds_are_norm_sites_and_proxy_parameters_are_norm_parameters() -> None:
+    for kind in ("cbn", "mbn", "proxynorm"):
+        assert norm_sites(_toy(kind)) == ["1", "3"], kind
+    policy = NormPlacement(NormConfig(kind="proxynorm", placement="1"), "toy", 1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), *policy.norm_act(4, 1))
+    assert norm_sites(model) == ["1", "2"]
+    assert {id(p) for p in norm_parameters(model)} == {id(p) for p in model[2].parameters()}
+    assert {name for name, _ in model[2].named_parameters()} == {
+        "weight",
+        "bias",
+        "proxy_weight",
+        "proxy_bias",
+    }

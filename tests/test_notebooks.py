@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from sbn_study.results.analysis import trials
+from sbn_study.spec.config import DOMAINS
 from sbn_study.trial.featstats import LOGIT_NORM, MECHANISM_STATS
 from tests.conftest import FinishedStudy, run_small_study
 
@@ -262,3 +263,22 @@ def test_placement_shows_sbn_against_its_2bn_control_and_plain_bn(
     # Tick labels read "<arm>\n(n=<compared trials>)"; every trial completed, so each arm has one.
     arms = dict(tick.split("\n") for tick in by_placement["xticks"])
     assert arms == {"bn": "(n=1)", "sbn23": "(n=1)", "2bn23": "(n=1)", "2bn-all": "(n=1)"}
+
+
+def test_domains_compares_the_methods_per_target_and_shows_bnes_embeddings(
+    domain_study: FinishedStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dashboard = run_dashboard("domains", domain_study, monkeypatch)
+    table = trials(domain_study.tracking_uri, domain_study.spec.name, all_params=True)
+    targets = list(DOMAINS["synthetic_domains"])
+    by_method = dashboard.axes_titled("target accuracy by method")
+    # One bar per held-out domain and one for their mean, for each method the study tried.
+    assert by_method["xticks"] == [*targets, "mean"]
+    assert by_method["bars"] == 5 * table["data.dg_method"].nunique()
+    assert dashboard.axes_titled("source validation against target")["shown"]
+    completed_bne = ((table["data.dg_method"] == "bne") & (table.status == "completed")).any()
+    heatmaps = [ax for ax in dashboard.axes if ax["title"].endswith("W2 distances")]
+    assert [ax["title"] for ax in heatmaps] == (
+        [f"target {t}: W2 distances" for t in targets] if completed_bne else []
+    )
+    assert any("no compared BNE trial" in o.get("text", "") for o in dashboard.outputs) == (not completed_bne)

@@ -12,9 +12,7 @@ import pytest
 
 from sbn_study import cli
 from sbn_study.errors import UserError
-from sbn_study.final import render as final_render
-from sbn_study.final.training import ArmSummary, FinalOutcome, PairedDifference, SeedResult
-from sbn_study.results.export import Exported, FinalConfig, Provenance
+from sbn_study.results.export import Exported, Provenance
 from sbn_study.results.report import export_warnings, render_exported, render_report, write_table
 from sbn_study.spec import load_spec
 from sbn_study.study import render as study_render
@@ -61,6 +59,8 @@ def test_outcome_names_the_best_trial_its_parameters_and_counts_by_status() -> N
         "  MLflow run run-t3",
         f"results: MLflow {URI} (experiment 'demo'), Tune state /runs/ray/demo-20250101-000000",
         f"browse:  sbn-study ui --tracking-uri '{URI}'",
+        "runs:    http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+        "&viewStateShareKey=sbn-study",
     ]
 
 
@@ -72,7 +72,15 @@ def test_outcome_without_a_best_trial_says_where_the_results_are() -> None:
     ]
     # A URI the shell would split stays one word.
     odd = study_render.render_outcome(study_outcome(tracking_uri="sqlite:////it's/mlflow.db"))
-    assert shlex.split(odd.splitlines()[-1])[-1] == "sqlite:////it's/mlflow.db"
+    assert shlex.split(odd.splitlines()[-2])[-1] == "sqlite:////it's/mlflow.db"
+
+
+def test_a_study_on_a_tracking_server_links_to_its_runs_there() -> None:
+    lines = study_render.render_outcome(study_outcome(tracking_uri="https://mlflow.example.com/team/"))
+    assert lines.splitlines()[-1] == (
+        "runs:    https://mlflow.example.com/team/#/experiments/1/runs?workflowType=machine_learning"
+        "&viewStateShareKey=sbn-study"
+    )
 
 
 def test_unsent_writes_are_a_warning_with_the_file_that_keeps_them() -> None:
@@ -249,114 +257,3 @@ def test_export_lines_rank_each_config_and_warn_of_a_stopped_one() -> None:
     )
     assert warnings[1:] == ["note: only 2 trials have a val_acc to rank"]
     assert export_warnings(exported[1:], top_k=1) == []
-
-
-# --- train ------------------------------------------------------------------------------------------------
-
-
-def final_config(**changes: Any) -> FinalConfig:
-    document: dict[str, Any] = {
-        "model": {"arch": "tiny"},
-        "norm": {"placement": "23"},
-        "train": {"epochs": 3},
-    }
-    return FinalConfig.model_validate({**document, **changes})
-
-
-def seed(arm: str, seed: int, status: str = "completed", **changes: Any) -> SeedResult:
-    fields: dict[str, Any] = {
-        "arm": arm,
-        "seed": seed,
-        "run_id": f"{arm}-{seed}",
-        "status": status,
-        "test_acc": 0.8,
-        "test_loss": 0.5,
-        "best_val_acc": 0.81,
-        "best_epoch": 2,
-        "epochs_run": 3,
-    }
-    return SeedResult(**{**fields, **changes})
-
-
-def final_outcome(**changes: Any) -> FinalOutcome:
-    fields: dict[str, Any] = {
-        "experiment": "demo-final",
-        "tracking_uri": URI,
-        "parent_run_id": "final-parent",
-        "results": (seed("config", 0), seed("baseline", 0)),
-        "arms": {"config": ArmSummary(2, 0.81234, 0.0123), "baseline": ArmSummary(2, 0.8, 0.01)},
-        "difference": PairedDifference(n=2, mean=0.0123, std=0.002, low=-0.005, high=0.0296, confidence=0.95),
-        "unsent": None,
-    }
-    return FinalOutcome(**{**fields, **changes})
-
-
-def test_final_config_line_names_its_source_and_warns_of_a_stopped_trial() -> None:
-    assert final_render.render_valid("f.yaml", final_config()) == (
-        "ok: f.yaml: final-training config (tiny, sbn at placement 23, 3 epochs)"
-    )
-    stopped = final_config(provenance=provenance(1, "a", epochs_run=1, full_budget=False).model_dump())
-    assert final_render.render_valid("f.yaml", stopped) == (
-        "ok: f.yaml: final-training config (tiny, sbn at placement 23, 3 epochs; study demo, trial a, "
-        "best val_acc 0.9123)"
-    )
-    assert final_render.config_warnings(final_config()) == []
-    (warning,) = final_render.config_warnings(stopped)
-    assert warning.startswith("warning: trial a was stopped by the scheduler after 1 of 4 epochs")
-
-
-def test_seed_lines_line_up_and_an_error_says_what_failed() -> None:
-    assert final_render.render_seed(seed("config", 1)) == (
-        "  config   seed 1: completed, test_acc 0.8000, test_loss 0.5000 (best val_acc 0.8100 at epoch 2)"
-    )
-    assert final_render.render_seed(seed("baseline", 2, "error", error="worker died")) == (
-        "  baseline seed 2: error: worker died"
-    )
-
-
-def test_summary_gives_each_arm_and_the_paired_difference() -> None:
-    labels = {"config": "sbn23", "baseline": "bn"}
-    assert final_render.render_summary(final_outcome(), labels).splitlines() == [
-        "test accuracy of the best-validation checkpoint, mean ± std over completed seeds:",
-        "  config   sbn23      0.8123 ± 0.0123  (n=2)",
-        "  baseline bn         0.8000 ± 0.0100  (n=2)",
-        "paired difference config − baseline: +0.0123, 95% CI [-0.0050, +0.0296] (Student t, n=2 seeds)",
-        f"results: MLflow {URI} (experiment 'demo-final', run final-parent)",
-    ]
-    alone = final_outcome(arms={"config": ArmSummary(1, 0.8, math.nan)}, difference=None)
-    assert "paired difference" not in final_render.render_summary(alone, labels)
-    assert final_render.summary_warnings(final_outcome()) == []
-    assert final_render.summary_warnings(final_outcome(unsent=Path("u.jsonl"))) == [
-        "warning: the tracking store did not take every write; saved to u.jsonl"
-    ]
-
-
-def test_train_prints_each_seed_as_it_ends_then_the_table_and_fails_on_a_failed_seed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    results = (seed("config", 0), seed("baseline", 0, "error", error="boom"))
-
-    def run_final(config: Any, options: Any, on_result: Any) -> FinalOutcome:
-        for result in results:
-            on_result(result)
-        return final_outcome(results=results)
-
-    monkeypatch.setattr("sbn_study.final.training.run_final", run_final)
-    path = tmp_path / "final.yaml"
-    path.write_text(final_config().model_dump_json())
-    code = cli.main(["train", str(path), "--seeds", "0", "--baseline"])
-    out, err = capsys.readouterr()
-    assert (code, err) == (1, "")
-    lines = out.splitlines()
-    assert lines[:3] == [
-        f"sbn-study: final training of {path}: seeds 0 × config (sbn23), baseline (bn), 3 epochs each, "
-        "experiment 'final-final'",
-        final_render.render_seed(results[0]),
-        "  baseline seed 0: error: boom",
-    ]
-    assert (
-        lines[3:6]
-        == final_render.render_summary(final_outcome(), {"config": "sbn23", "baseline": "bn"}).splitlines()[
-            :3
-        ]
-    )

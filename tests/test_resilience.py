@@ -1,13 +1,12 @@
 """A study survives: a killed driver, Ctrl-C, a killed trial worker, diverging trials, bad input.
 
 Every test goes through the real stack (Ray, Optuna, ASHA, MLflow on sqlite). The driver-level tests run
-`sbn-study run` in a subprocess of its own process group (it starts its own local Ray), so that killing it
-kills exactly what it started.
+`sbn-study run` in a subprocess of its own session (it starts its own local Ray), so that killing it and its
+descendants (`tests.servers.kill_tree`) kills exactly what it started.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -24,15 +23,21 @@ from typing import Any, TypeVar
 import pytest
 
 from sbn_study.cli import main
+from sbn_study.protocol import EPOCH_METRICS
 from sbn_study.study.state import state_path
+from sbn_study.tune.checkpoints import TrialStates
 from sbn_study.tune.search import TUNE_TRIAL_ID_ATTR
 from tests.conftest import QUICKSTART, TuneTrial, run_command, run_small_study, tune_trials
+from tests.servers import kill_tree
 
 T = TypeVar("T")
 
 pytestmark = pytest.mark.slow
 
 ENDED = {"completed", "stopped_early", "diverged", "error"}
+# Tune saves its experiment state at most every 10 s by default. Tests that watch that state to choose their
+# moment have it saved after every result instead.
+SAVE_EVERY_RESULT = {"TUNE_GLOBAL_CHECKPOINT_S": "0"}
 
 
 def cli_command(output: Path, *extra: str, overrides: Sequence[str] = ()) -> list[str]:
@@ -62,14 +67,14 @@ def study_runs(output: Path, name: str = "e2e-small") -> list:
     return [r for r in all_runs(output, name) if "sbn.trial_id" in r.data.tags]
 
 
-def val_acc_history(output: Path, run_id: str) -> list:
+def metric_history(output: Path, run_id: str, key: str = "val_acc") -> list:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{output / 'mlflow.db'}").get_metric_history(run_id, "val_acc")
+    return MlflowClient(f"sqlite:///{output / 'mlflow.db'}").get_metric_history(run_id, key)
 
 
 def val_acc_steps(output: Path, run_id: str) -> list[int]:
-    return [m.step for m in val_acc_history(output, run_id)]
+    return [m.step for m in metric_history(output, run_id)]
 
 
 def wait_for(
@@ -115,41 +120,42 @@ def saved_searcher(output: Path, name: str = "e2e-small") -> dict[str, Any]:
         return pickle.load(file)
 
 
-def start_driver(output: Path, *extra: str, overrides: Sequence[str] = ()) -> subprocess.Popen:
+def start_driver(
+    output: Path, *extra: str, overrides: Sequence[str] = (), env: dict[str, str] | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
         cli_command(output, *extra, overrides=overrides),
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, **(env or {})},
     )
 
 
-def kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL to the driver and everything in its process group (its local Ray)."""
-    with contextlib.suppress(ProcessLookupError):  # it may have ended by itself
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-
-
-def assert_study_complete_once(output: Path, expected_trials: int) -> list:
+def assert_study_complete_once(output: Path, expected_trials: int, statuses: set[str] = ENDED) -> list:
+    """One ended run per trial, and every epoch metric of each at steps 1..n: none missing, none twice."""
     runs = study_runs(output)
     trial_ids = [r.data.tags["sbn.trial_id"] for r in runs]
     assert len(trial_ids) == expected_trials, trial_ids
     assert len(set(trial_ids)) == expected_trials, "a trial has two runs"
-    assert {r.data.tags["sbn.status"] for r in runs} <= ENDED
+    assert {r.data.tags["sbn.status"] for r in runs} <= statuses, [r.data.tags["sbn.status"] for r in runs]
     assert all(r.info.status != "RUNNING" for r in runs)
     for run in runs:
         steps = val_acc_steps(output, run.info.run_id)
-        assert steps == list(range(1, len(steps) + 1)), (run.data.tags["sbn.trial_id"], steps)
+        trial = run.data.tags["sbn.trial_id"]
+        assert steps == list(range(1, len(steps) + 1)), (trial, steps)
+        for key in EPOCH_METRICS:
+            assert [m.step for m in metric_history(output, run.info.run_id, key)] == steps, (trial, key)
     return runs
 
 
 # Every trial runs all its epochs (no early stopping), so that a trial is always somewhere mid-way for a
-# while: the kill below waits for one that has a checkpoint and epochs left.
+# while: the kill below waits for one that has reported and has epochs left.
 RESUME_EPOCHS = 5
 # Feature statistics only at the end: they make up most of each result, and Tune rewrites its whole state
-# file after every result, so small results keep the window in which the file is read whole wide.
+# file after every result here (SAVE_EVERY_RESULT), so small results keep the window in which the file is
+# read whole wide.
 RESUME_OVERRIDES = (
     "search.scheduler.type=none",
     f"train.epochs={RESUME_EPOCHS}",
@@ -158,7 +164,7 @@ RESUME_OVERRIDES = (
 
 
 def finished_and_midway(output: Path) -> dict[str, TuneTrial] | None:
-    """Tune's saved trials once they hold two finished trials and one with a checkpoint and epochs left."""
+    """Tune's saved trials once they hold two finished trials and one that reported and has epochs left."""
     trials = saved_trials(output)
     finished = [t for t in trials.values() if t.status == "TERMINATED"]
     midway = [t for t in trials.values() if t.status == "RUNNING" and 1 <= t.iteration < RESUME_EPOCHS]
@@ -166,21 +172,28 @@ def finished_and_midway(output: Path) -> dict[str, TuneTrial] | None:
 
 
 def test_driver_killed_then_resumed_keeps_finished_trials_and_runs_nothing_twice(tmp_path: Path) -> None:
-    driver = start_driver(tmp_path, overrides=RESUME_OVERRIDES)
+    driver = start_driver(tmp_path, overrides=RESUME_OVERRIDES, env=SAVE_EVERY_RESULT)
     try:
         # Tune's own saved state, not MLflow, decides the moment: it is what `--resume` starts from. Tune
-        # saves it after every result, so the kill has to follow the observation closely.
+        # saves it after every result here, so the kill has to follow the observation closely.
         wait_for(
             lambda: finished_and_midway(tmp_path), 180, "two finished trials and one mid-way", 0.1, driver
         )
     finally:
-        kill_group(driver)
+        kill_tree(driver)
     # Tune may have saved once more between the look and the kill: what counts is what is on disk now.
     at_kill = finished_and_midway(tmp_path)
     assert at_kill, f"the saved state changed before the kill: {saved_trials(tmp_path)}"
     finished = {t for t, trial in at_kill.items() if trial.status == "TERMINATED"}
-    # Epoch of each unfinished trial's latest checkpoint (one that had none yet starts over, unchecked here).
-    midway = {t: trial.iteration for t, trial in at_kill.items() if t not in finished and trial.iteration}
+    # The epoch each unfinished trial's own file holds: at least what Tune saved of it, and more when the trial
+    # wrote its next epoch before the kill (one that never reported starts over, unchecked here).
+    states = TrialStates(study_state(tmp_path)["tune_path"])
+    midway = {}
+    for trial_id, trial in at_kill.items():
+        saved = states.load(trial_id) if trial_id not in finished and trial.iteration else None
+        if saved is not None:
+            assert saved["epoch"] >= trial.iteration, (trial_id, saved["epoch"], trial.iteration)
+            midway[trial_id] = saved["epoch"]
     runs_before = {r.data.tags["sbn.trial_id"]: r for r in study_runs(tmp_path)}
     assert finished <= set(runs_before), "a finished trial has no MLflow run"
     # What a re-run would change: the run's end and the time every epoch was logged.
@@ -188,7 +201,7 @@ def test_driver_killed_then_resumed_keeps_finished_trials_and_runs_nothing_twice
         t: (
             runs_before[t].info.run_id,
             runs_before[t].info.end_time,
-            [(m.step, m.timestamp) for m in val_acc_history(tmp_path, runs_before[t].info.run_id)],
+            [(m.step, m.timestamp) for m in metric_history(tmp_path, runs_before[t].info.run_id)],
             at_kill[t].runtime["last_result"]["timestamp"],
         )
         for t in finished
@@ -218,10 +231,10 @@ def test_driver_killed_then_resumed_keeps_finished_trials_and_runs_nothing_twice
         assert run.info.run_id == run_id and run.info.end_time == end_time, (
             f"finished trial {trial_id} ran again"
         )
-        assert [(m.step, m.timestamp) for m in val_acc_history(tmp_path, run_id)] == history, trial_id
+        assert [(m.step, m.timestamp) for m in metric_history(tmp_path, run_id)] == history, trial_id
         assert after[trial_id].runtime["last_result"]["timestamp"] == tune_stamp, trial_id
 
-    # The mid-way trials went on from their checkpoint: a new worker ran only the epochs after it.
+    # The mid-way trials went on from their own file: a new worker ran only the epochs after it.
     for trial_id, epoch in midway.items():
         last = after[trial_id].runtime["last_result"]
         assert last["training_iteration"] == RESUME_EPOCHS, (trial_id, last["training_iteration"])
@@ -259,7 +272,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path: Path) -> None:
         driver.send_signal(signal.SIGINT)
         output, _ = driver.communicate(timeout=120)
     finally:
-        kill_group(driver)
+        kill_tree(driver)
     assert driver.returncode == 130, output[-3000:]
     assert "resume:" in output and "--resume" in output
     assert "Traceback" not in output
@@ -283,7 +296,7 @@ def test_a_driver_killed_before_tunes_first_save_starts_over_on_resume(tmp_path:
     try:
         wait_for(lambda: state_path(tmp_path, "e2e-small").exists(), 180, "the study's state file")
     finally:
-        kill_group(driver)
+        kill_tree(driver)
     # Whatever Tune managed to write before the kill, the resume must cope with none of it: a kill can come
     # before Tune's first save.
     state = study_state(tmp_path)
@@ -313,7 +326,7 @@ def is_our_trial_worker(pid: int) -> bool:
 
 
 def kill_a_midway_trial(output: Path, epochs: int, killed: list[str]) -> None:
-    """Kills the worker process of a trial that has a checkpoint and at least two epochs left.
+    """Kills the worker process of a trial that has reported and has at least two epochs left.
 
     Two epochs left: with actors reused, the worker of a trial about to end may already run the next trial
     by the time it is killed. The trial's id goes into `killed`.
@@ -328,10 +341,19 @@ def kill_a_midway_trial(output: Path, epochs: int, killed: list[str]) -> None:
                 return True
         return False
 
-    wait_for(midway_worker, 120, "a trial worker with a checkpoint and epochs left", 0.1)
+    wait_for(midway_worker, 120, "a trial worker that reported and has epochs left", 0.1)
 
 
-def test_killed_trial_worker_restarts_from_its_checkpoint(ray_session: None, tmp_path: Path) -> None:
+@pytest.fixture
+def save_every_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAVE_EVERY_RESULT for a study run in this process (Tune reads it when the study starts)."""
+    for key, value in SAVE_EVERY_RESULT.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_killed_trial_worker_restarts_from_its_checkpoint(
+    ray_session: None, save_every_result: None, tmp_path: Path
+) -> None:
     killed: list[str] = []
     killer = threading.Thread(target=kill_a_midway_trial, args=(tmp_path, 4, killed), daemon=True)
     killer.start()
@@ -346,7 +368,7 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(ray_session: None, tmp
     assert {r.data.tags["sbn.status"] for r in runs} == {"completed"}
     for run in runs:
         assert val_acc_steps(tmp_path, run.info.run_id) == [1, 2, 3, 4]
-    # Tune saw the worker die and restored the trial from its checkpoint instead of starting it over.
+    # Tune saw the worker die and restarted the trial, which went on from its own file instead of starting over.
     (trial_id,) = killed
     state = tune_trials(tmp_path)[trial_id].runtime
     assert state["num_failures"] >= 1, state["num_failures"]
@@ -356,7 +378,7 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(ray_session: None, tmp
 
 
 def test_killed_trial_worker_without_retries_fails_only_that_trial(
-    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_session: None, save_every_result: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     killed: list[str] = []
     killer = threading.Thread(target=kill_a_midway_trial, args=(tmp_path, 4, killed), daemon=True)

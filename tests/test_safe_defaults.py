@@ -3,10 +3,6 @@ what a study records."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +10,7 @@ import psutil
 import pytest
 
 from sbn_study.store.uri import redact_uri
-from tests.servers import free_port, kill_tree
+from tests.servers import sbn_study_ui
 
 
 def test_redact_uri_drops_user_info_from_every_uri_in_a_text() -> None:
@@ -44,31 +40,12 @@ def _listening_addresses(pid: int) -> set[str]:
 
 @pytest.mark.slow
 def test_ui_serves_the_store_on_loopback_only(tmp_path: Path) -> None:
-    port = free_port()
-    command = [sys.executable, "-m", "sbn_study.cli", "ui", "--output", str(tmp_path), "--port", str(port)]
     log = tmp_path / "ui.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
+    with sbn_study_ui(tmp_path, log) as (process, port):
         assert log.read_text().startswith(
             f"MLflow UI for sqlite:///{tmp_path.resolve() / 'mlflow.db'} at http://127.0.0.1:{port}"
         )
         assert _listening_addresses(process.pid) == {"127.0.0.1"}
-    finally:
-        kill_tree(process)
 
 
 def test_embedded_ray_starts_without_a_dashboard(monkeypatch: pytest.MonkeyPatch) -> None:

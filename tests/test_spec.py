@@ -89,7 +89,10 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "unknown dataset",
         {"data": {"dataset": "imagenet"}},
-        ["data.dataset: expected one of synthetic, cifar10, cifar100, got 'imagenet'"],
+        [
+            "data.dataset: expected one of synthetic, cifar10, cifar100, synthetic_domains, pacs, office31, "
+            "office_caltech_10, domains, got 'imagenet'"
+        ],
     ),
     (
         "unknown sampler",
@@ -109,7 +112,7 @@ BROKEN: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "unknown norm kind",
         {"norm": {"kind": "xbn"}},
-        [f"norm.kind: expected one of {', '.join(NORM_KINDS)}, got 'xbn'"],
+        [f"norm.kind: expected one of {', '.join(NORM_KINDS)} or package.module:Factory, got 'xbn'"],
     ),
     (
         "placement outside the arch",

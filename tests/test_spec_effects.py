@@ -40,8 +40,16 @@ REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
         "groups of a kind without groups",
         space(norm__groups={"choice": [4, 8]}),
         [
-            "search.space.norm.groups: can never act: it acts only when norm.kind is one of bgn, gn, and "
+            "search.space.norm.groups: can never act: it acts only when norm.kind is one of bgn, gn, proxynorm, and "
             "norm.kind is always sbn in the trials that sample it; search norm.kind too, or drop norm.groups"
+        ],
+    ),
+    (
+        "a CBN setting of another kind",
+        space(norm__cbn_window={"int": [2, 8]}),
+        [
+            "search.space.norm.cbn_window: can never act: it acts only when norm.kind is cbn, and norm.kind is "
+            "always sbn in the trials that sample it; search norm.kind too, or drop norm.cbn_window"
         ],
     ),
     (
@@ -115,6 +123,24 @@ def test_settings_that_act_where_they_are_sampled_pass() -> None:
     assert spec_from_dict(data).warnings() == []
 
 
+def test_the_groups_of_the_group_norms_and_the_settings_of_cbn_mbn_and_proxynorm_can_be_searched() -> None:
+    data = merged(
+        BASE,
+        space(
+            norm__kind={"choice": ["gn", "bgn", "proxynorm", "cbn", "mbn"]},
+            norm__groups={"choice": [2, 4, 8], "when": {"norm.kind": ["gn", "bgn", "proxynorm"]}},
+            norm__cbn_window={"int": [2, 8], "when": {"norm.kind": ["cbn"]}},
+            norm__cbn_burnin={"int": [0, 2000], "when": {"norm.kind": ["cbn"]}},
+            norm__mbn_window={"int": [1, 8], "when": {"norm.kind": ["mbn"]}},
+            norm__mbn_double_forward={"choice": [True, False], "when": {"norm.kind": ["mbn"]}},
+            norm__proxynorm_base={"choice": ["gn", "ln"], "when": {"norm.kind": ["proxynorm"]}},
+        ),
+    )
+    spec = spec_from_dict(data)
+    assert spec.warnings() == []
+    assert spec.search.space["norm.groups"].values == (2, 4, 8)
+
+
 def test_a_setting_sampled_also_where_it_cannot_act_is_warned_about_until_its_when_says_so() -> None:
     unconditional = merged(BASE, space(norm__placement=FEW_PLACEMENTS, norm__eps=LOG_EPS))
     assert spec_from_dict(unconditional).warnings() == [
@@ -158,7 +184,8 @@ def test_an_eps_large_against_the_spectral_variance_of_its_fft_norm_is_warned_ab
 
 # --- the catalog against the trial side ------------------------------------------------------------------
 
-# A value of each setting other than its default (groups: 32 is clamped to the 8 channels built here).
+# A value of each setting other than its default (groups: 32 is clamped to the 8 channels built here). No
+# built-in kind reads `options`: they are a custom kind's.
 OTHER_VALUE: dict[str, Any] = {
     "eps": 0.5,
     "momentum": 0.9,
@@ -166,30 +193,67 @@ OTHER_VALUE: dict[str, Any] = {
     "fft_norm": "forward",
     "impl": "fft",
     "groups": 2,
+    "cbn_window": 2,
+    "cbn_burnin": 2,
+    "mbn_window": 2,
+    "mbn_double_forward": False,
+    "proxynorm_base": "ln",
+    "options": {"gain": 2.0},
 }
+# Where the default would hide a setting within the few steps built here: CBN's default burn-in outlasts them.
+BASE_SETTINGS: dict[str, dict[str, Any]] = {"cbn": {"cbn_burnin": 0}}
+# A window of 2 batches differs from one of 4 from the third step on.
+WINDOWS = frozenset({"cbn_window", "mbn_window"})
 
 
 def _behaviour(kind: str, cfg: NormConfig) -> tuple[Any, ...]:
-    """What a layer of `kind` does: its parameters, its implementation, and its outputs in training, after one
-    SGD step (so that a setting that only reparametrizes β shows) and in eval mode (running statistics)."""
+    """What `kind` does at a norm site and at a norm-act site (where that is not the norm and a ReLU), each
+    behind a 1×1 conv that starts as the identity (CBN compensates for its weights): the parameters, the
+    implementation, and the outputs of training steps with an SGD step after each (so that a setting that only
+    reparametrizes β shows), then in eval mode (running statistics, memories)."""
     import torch
+    from torch import nn
 
-    from sbn_study.trial.norms import get_norm_layer
+    from sbn_study.trial.norms import NormPlacement
+
+    class Sites(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            policy = NormPlacement(cfg, "toy", 1)
+            self.conv = nn.Conv2d(8, 8, 1, bias=False)
+            self.norm = policy(8, 1)
+            self.act_conv = nn.Conv2d(8, 8, 1, bias=False)
+            self.act_norm, self.act = policy.norm_act(8, 1)
+            # A norm and a ReLU would only repeat the norm site.
+            self.paired = not isinstance(self.act, nn.ReLU)
+            for conv in (self.conv, self.act_conv):
+                nn.init.eye_(conv.weight[:, :, 0, 0])
+            policy.bind(self)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            outputs = [self.norm(self.conv(x))]
+            if self.paired:
+                outputs.append(self.act(self.act_norm(self.act_conv(x))))
+            return torch.cat(outputs)
 
     torch.manual_seed(0)
-    layer = get_norm_layer(kind)(8, cfg)
-    inputs = torch.randn(4, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 + 1
-    parameters = [(name, tuple(p.shape)) for name, p in layer.named_parameters()]
-    impls = [getattr(module, "impl", None) for module in layer.modules()]
-    first = layer(inputs[0])
-    if parameters:
-        (first * inputs[3]).sum().backward()
+    sites = Sites()
+    steps = 3 if WINDOWS & NORMS[kind].reads else 2
+    inputs = torch.randn(steps + 2, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    parameters = [(name, tuple(p.shape)) for name, p in sites.named_parameters()]
+    impls = [getattr(module, "impl", None) for module in sites.modules()]
+    outputs = []
+    for step in range(steps):
+        output = sites(inputs[step])
+        (output * inputs[-1].repeat(len(output) // len(inputs[-1]), 1, 1, 1)).sum().backward()
         with torch.no_grad():
-            for parameter in layer.parameters():
-                parameter -= 0.1 * parameter.grad
-    second = layer(inputs[1])
-    outputs = [first, second, layer.eval()(inputs[2])]
-    return parameters, impls, [output.detach() for output in outputs]
+            for parameter in sites.parameters():
+                if parameter.grad is not None:  # the unpaired norm-act site's are unused
+                    parameter -= 0.1 * parameter.grad
+                    parameter.grad = None
+        outputs.append(output.detach())
+    outputs.append(sites.eval()(inputs[steps]).detach())
+    return parameters, impls, outputs
 
 
 def _differ(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
@@ -205,9 +269,10 @@ def test_a_kind_reads_exactly_the_settings_the_catalog_says(kind: str) -> None:
     from sbn_study.errors import UserError
 
     required = {setting: needed for setting, needed, _ in NORMS[kind].requires}
-    default = _behaviour(kind, NormConfig(kind=kind))
+    base = {"kind": kind, "placement": "1", **BASE_SETTINGS.get(kind, {})}
+    default = _behaviour(kind, NormConfig(**base))
     for setting, value in OTHER_VALUE.items():
-        changed = NormConfig(kind=kind, **{setting: value})
+        changed = NormConfig(**{**base, setting: value})
         if setting in required and value != required[setting]:
             with pytest.raises(UserError):
                 _behaviour(kind, changed)
@@ -225,7 +290,8 @@ def test_no_norm_setting_acts_without_a_placement() -> None:
             )
         )
 
-    assert built() == built(kind="2bn", eps=0.5, momentum=0.9, affine=False, fft_norm="forward", groups=2)
+    assert built() == built(kind="2bn", **{k: v for k, v in OTHER_VALUE.items() if k != "options"})
+    assert built() == built(kind="tests.custom_norm_module:ScaledBatchNorm2d", options={"gain": 2.0})
 
 
 def test_an_architecture_takes_exactly_the_model_options_the_catalog_says() -> None:

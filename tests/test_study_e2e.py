@@ -31,7 +31,11 @@ def test_one_nested_run_per_trial_with_params_metrics_and_tags(small_study: Fini
     parent = client.get_run(small_study.outcome.parent_run_id)
     assert parent.data.tags["sbn.study"] == "e2e-small"
     assert parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"spec.yaml", "resolved.yaml"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "spec.yaml",
+        "resolved.yaml",
+        "figures",
+    }
 
     for run in runs:
         tags, params = run.data.tags, run.data.params

@@ -80,6 +80,13 @@ def open_trial(writer: RunWriter, trial_id: str) -> str:
     return writer.trial_run(trial_id, trial_id, {"model.arch": "tiny"}, "model: {arch: tiny}\n", {})
 
 
+def tune_trial(trial_id: str, config: dict[str, Any] | None = None, **runtime: Any) -> SimpleNamespace:
+    """What the callback reads of a Tune trial: its id, sampled config, tag (its number first) and results."""
+    return SimpleNamespace(
+        trial_id=trial_id, config=config or {}, experiment_tag="1_", metric_analysis={}, **runtime
+    )
+
+
 def callback_for(writer: RunWriter) -> TrackingCallback:
     """The Tune callback of the quick-start study on `writer`'s record, set up as Tune sets it up."""
     callback = TrackingCallback(load_spec(QUICKSTART), writer.handle)
@@ -233,7 +240,7 @@ def test_a_resumed_trial_replays_what_a_killed_driver_never_logged(
 ) -> None:
     writer, _ = open_writer(store, tmp_path)
     callback = callback_for(writer)
-    trial = SimpleNamespace(trial_id="a", config={"train.lr": 0.05})
+    trial = tune_trial("a", {"train.lr": 0.05})
     history = [{"epoch": 0.0, "fm/bn1/norm": 9.0}] + [
         {"epoch": float(e), "val_acc": e / 10, "epoch_time_s": 1.0} for e in (1, 2, 3)
     ]
@@ -266,7 +273,7 @@ def test_a_trial_that_ends_is_in_the_store_before_tune_moves_on(
     writer, gated = open_writer(store, tmp_path)
     callback = callback_for(writer)
     budget = callback.spec.max_budget
-    trial = SimpleNamespace(trial_id="a", config={}, last_result={"epoch": budget, "val_acc": 0.5})
+    trial = tune_trial("a", last_result={"epoch": budget, "val_acc": 0.5})
     callback.on_trial_start(0, [], trial)
     # The store answers, slowly: the trial's end holds Tune's loop until it is written (the study is killable
     # right after: Tune then saves the trial as ended, and a resume never runs it again).
@@ -277,7 +284,7 @@ def test_a_trial_that_ends_is_in_the_store_before_tune_moves_on(
     assert (run.info.status, run.data.tags["sbn.status"]) == ("FINISHED", "completed")
 
     # The store is away: the end is queued and the loop goes on.
-    other = SimpleNamespace(trial_id="b", config={}, last_result={"epoch": 1, "val_acc": 0.1})
+    other = tune_trial("b", last_result={"epoch": 1, "val_acc": 0.1})
     callback.on_trial_start(0, [], other)
     gated.failing = True
     assert timed(lambda: callback.on_trial_error(0, [], other)) < 2 * writing.FLUSH_RETRY_S
@@ -293,7 +300,7 @@ def test_the_driver_and_the_callback_share_one_writer(store: tuple[str, str], tm
     callback = TrackingCallback(load_spec(QUICKSTART), record.handle)
     callback.setup()
     assert record.writer() is callback.writer  # never a second thread on the same runs
-    callback.on_trial_start(0, [], SimpleNamespace(trial_id="a", config={}))
+    callback.on_trial_start(0, [], tune_trial("a"))
     # While it is active, the driver can only go through it.
     with pytest.raises(RuntimeError, match="writer is active"):
         record.trial_runs()
@@ -310,6 +317,53 @@ def test_the_driver_and_the_callback_share_one_writer(store: tuple[str, str], tm
 
     StudyRecord.resume(record.handle)
     assert client.get_run(record.handle.parent_run_id).info.status == "RUNNING"
+
+
+def test_the_parent_run_describes_the_study_and_counts_its_trials_as_they_end(
+    store: tuple[str, str], tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sbn_study.store import ui
+
+    writer, _ = open_writer(store, tmp_path)
+    callback = callback_for(writer)
+    budget = callback.spec.max_budget
+
+    def ended(trial_id: str, epoch: int, best: float, **result: Any) -> SimpleNamespace:
+        trial = tune_trial(trial_id, status="RUNNING", last_result={"epoch": epoch, **result})
+        trial.metric_analysis = {"val_acc": {"max": best, "min": 0.0}}
+        return trial
+
+    # Ended before a resume: Tune's saved state says so; this process never saw it end.
+    restored = ended("restored", budget, 0.9)
+    restored.status = "TERMINATED"
+    full, short = ended("full", budget, 0.6), ended("short", 2, 0.7)
+    diverged = ended("diverged", 1, float("-inf"), diverged=True)
+    running = tune_trial("running", status="RUNNING", last_result={"epoch": 1})
+    trials = [restored, full, short, diverged, running]
+    for trial in trials[1:]:
+        callback.on_trial_start(0, trials, trial)
+    for trial in (short, full, diverged):
+        callback.on_trial_complete(0, trials, trial)
+    callback.on_experiment_end(trials)
+
+    client = MlflowClient(writer.handle.uri)
+    parent = writer.handle.parent_run_id
+
+    def history(metric: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(parent, metric)]
+
+    assert history(ui.TRIALS_FINISHED) == [(2, 2.0), (3, 3.0), (4, 4.0)]
+    assert history(ui.best_so_far("val_acc")) == [(2, 0.9), (3, 0.9), (4, 0.9)]  # diverged: not a value
+    assert history(ui.trials_with_status("completed"))[-1] == (4, 2.0)
+    assert history(ui.trials_with_status("diverged"))[-1] == (4, 1.0)
+    note = client.get_run(parent).data.tags[ui.NOTE_TAG]
+    assert note.startswith("# Study `sbn-quickstart`") and "The study is running" in note
+    tags = client.get_experiment(writer.handle.experiment_id).tags
+    assert tags[ui.EXPERIMENT_KIND_TAG] == ui.MODEL_TRAINING
+    assert json.loads(tags[ui.VIEW_TAG])["orderByKey"] == "metrics.`val_acc`"
+    writer.close()
 
 
 def test_runs_of_trials_a_resume_does_not_know_are_ended_and_deleted(

@@ -197,7 +197,7 @@ def forest_plot(differences: Sequence[PairedDifference], labels: Mapping[str, st
     import matplotlib.pyplot as plt
 
     labels = labels or {}
-    figure, axes = plt.subplots(figsize=(6.0, 0.6 * max(len(differences), 1) + 1.2))
+    figure, axes = plt.subplots(figsize=(8.0, 0.6 * max(len(differences), 1) + 1.4))
     for row, d in enumerate(differences):
         if not math.isnan(d.low):
             axes.plot([d.low, d.high], [row, row], color="tab:blue", linewidth=2)
@@ -209,7 +209,7 @@ def forest_plot(differences: Sequence[PairedDifference], labels: Mapping[str, st
     )
     axes.invert_yaxis()
     reference = differences[0].reference if differences else "reference"
-    axes.set_xlabel(f"paired difference of test accuracy vs {labels.get(reference, reference)} (95 % t CI)")
-    axes.set_title("Arms against the reference, same seeds")
+    axes.set_xlabel("paired difference of test accuracy, arm − reference (95 % t CI)")
+    axes.set_title(f"Arms against {labels.get(reference, reference)} on the same seeds")
     figure.tight_layout()
     return figure

@@ -1,22 +1,24 @@
 """What `sbn-study train` (and `validate` on a final-training config) tell a person: the config checked, the
-line training starts with, one line per seed as it ends, and the table of test accuracies at the end.
+line training starts with and the values each arm uses, one line per seed as it ends, and the comparison of
+the arms at the end (also the `comparison.md` it writes).
 
-Pure functions from a config, a SeedResult or a FinalOutcome to text, so that every line can be tested without
-Ray. No pydantic, Ray or MLflow at import.
+Pure functions from a config, an ArmPlan, a SeedResult or a FinalOutcome to text, so that every line can be
+tested without Ray. No pydantic, Ray or MLflow at import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sbn_study.final.arms import ArmPlan
+    from sbn_study.final.comparison import ArmSummary, PairedDifference
     from sbn_study.final.training import FinalOptions, FinalOutcome, SeedResult
     from sbn_study.results.export import FinalConfig
-    from sbn_study.spec.config import TrialConfig
 
-# Wide enough for "baseline", so that the arms of the progress lines and the table line up.
-_ARM_WIDTH = 8
+# Wide enough for the longest norm kind ("sbn_noaffine"), so that the arms of the lines below line up.
+_ARM_WIDTH = 12
 
 
 def render_valid(path: str, config: FinalConfig) -> str:
@@ -40,19 +42,52 @@ def config_warnings(config: FinalConfig) -> list[str]:
     return [f"warning: {budget_warning(source)}"] if source and not source.full_budget else []
 
 
-def arm_labels(arms: Mapping[str, TrialConfig]) -> dict[str, str]:
-    """arm → the paper's name of its norm configuration ("sbn23", "bn")."""
-    from sbn_study.results.analysis import arm_label
-
-    return {arm: arm_label(config.norm.kind, config.norm.placement) for arm, config in arms.items()}
-
-
-def render_start(path: str, config: FinalConfig, options: FinalOptions, labels: Mapping[str, str]) -> str:
+def render_start(path: str, plan: ArmPlan, options: FinalOptions) -> str:
     return (
         f"sbn-study: final training of {path}: seeds {','.join(map(str, options.seeds))} × "
-        + ", ".join(f"{arm} ({label})" for arm, label in labels.items())
-        + f", {config.train.epochs} epochs each, experiment '{options.experiment}'"
+        + ", ".join(plan.names.values())
+        + f", {plan.config.train.epochs} epochs each, experiment '{options.experiment}'"
     )
+
+
+def _value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _arm_values(plan: ArmPlan) -> dict[str, str]:
+    """arm → its value of every stated setting, and those that do not act in it."""
+    texts = {}
+    for arm in plan.arms:
+        values = plan.values(arm)
+        idle = [key for key, v in values.items() if v is None]
+        texts[arm] = " ".join(f"{key}={_value(v)}" for key, v in values.items() if v is not None) + (
+            f" ({', '.join(idle)}: {'does' if len(idle) == 1 else 'do'} not act)" if idle else ""
+        )
+    return texts
+
+
+def render_arm_values(plan: ArmPlan) -> list[str]:
+    """Where the arms' values come from, and each arm's value of every setting the search tuned (of the
+    SBN settings when the search is unknown); nothing for the configuration alone."""
+    if len(plan.arms) < 2:
+        return []
+    texts = _arm_values(plan)
+    return [f"arm values: {plan.note}:", *(f"  {arm:<{_ARM_WIDTH}} {text}" for arm, text in texts.items())]
+
+
+def seed_warnings(plan: ArmPlan, seeds: Sequence[int]) -> list[str]:
+    """Seeds the search trained with: the configuration was selected on them, so their test scores carry
+    the luck of that selection."""
+    lines = [f"warning: {warning}" for warning in plan.warnings]
+    overlap = plan.seed_overlap(seeds)
+    if overlap:
+        lines.append(
+            f"warning: --seeds {','.join(map(str, overlap))}: the search trained on "
+            f"{'this seed' if len(overlap) == 1 else 'these seeds'}, and the config won partly by "
+            f"{'its' if len(overlap) == 1 else 'their'} luck; seeds after {max(plan.search_seeds or [0])} "
+            "are independent of the search"
+        )
+    return lines
 
 
 def render_seed(result: SeedResult) -> str:
@@ -66,27 +101,53 @@ def render_seed(result: SeedResult) -> str:
     )
 
 
-def render_summary(outcome: FinalOutcome, labels: Mapping[str, str]) -> str:
-    """Each arm's mean ± std over its completed seeds, the paired difference when there is a baseline, and
-    where the runs are."""
-    lines = ["test accuracy of the best-validation checkpoint, mean ± std over completed seeds:"]
-    lines += [
-        f"  {arm:<{_ARM_WIDTH}} {labels[arm]:<10} {summary.mean:.4f} ± {summary.std:.4f}  (n={summary.n})"
-        for arm, summary in outcome.arms.items()
-    ]
-    diff = outcome.difference
-    if diff is not None:
-        lines.append(
-            f"paired difference config − baseline: {diff.mean:+.4f}, {diff.confidence:.0%} CI "
-            f"[{diff.low:+.4f}, {diff.high:+.4f}] (Student t, n={diff.n} seeds)"
-        )
-    lines.append(
-        f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.experiment}', run {outcome.parent_run_id})"
+def _explanation(differences: Sequence[PairedDifference]) -> str:
+    compared = f"{len(differences)} arm{'s' if len(differences) != 1 else ''}"
+    return (
+        "test accuracy of each seed's best-validation checkpoint; Δ = arm − config on the same seed, with its "
+        "95 % Student-t interval over the seeds both completed (n pairs), the paired t-test's p and Holm's p "
+        f"(corrected for the {compared} compared with the config)"
     )
+
+
+def render_comparison(
+    summaries: Mapping[str, ArmSummary], differences: Sequence[PairedDifference], plan: ArmPlan
+) -> str:
+    """`comparison.md`: the table, what its columns mean, and the values each arm used."""
+    from sbn_study.final.comparison import markdown_table
+
+    explanation = _explanation(differences)
+    text = f"# Final training: {', '.join(plan.names.values())}\n\n"
+    text += (
+        f"{explanation[0].upper()}{explanation[1:]}.\n\n{markdown_table(summaries, differences, plan.names)}"
+    )
+    if len(plan.arms) > 1:
+        text += f"\nArm values: {plan.note}.\n\n"
+        text += "".join(f"- {arm}: {values}\n" for arm, values in _arm_values(plan).items())
+    return text
+
+
+def render_summary(outcome: FinalOutcome) -> str:
+    """The table of the arms, where its files are, and where the runs are."""
+    from sbn_study.final.comparison import markdown_table
+
+    lines = [
+        _explanation(outcome.differences) + ":",
+        markdown_table(outcome.arms, outcome.differences, outcome.labels).rstrip("\n"),
+        f"wrote {outcome.folder}/: {', '.join(outcome.files)}",
+        f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.experiment}', run "
+        f"{outcome.parent_run_id})",
+    ]
     return "\n".join(lines)
 
 
 def summary_warnings(outcome: FinalOutcome) -> list[str]:
-    if not outcome.unsent:
-        return []
-    return [f"warning: the tracking store did not take every write; saved to {outcome.unsent}"]
+    lines = []
+    if outcome.unsent:
+        lines.append(f"warning: the tracking store did not take every write; saved to {outcome.unsent}")
+    if outcome.not_logged:
+        lines.append(
+            f"warning: the parent run has no copy of the comparison ({outcome.not_logged}); it is in "
+            f"{outcome.folder}/"
+        )
+    return lines

@@ -1,19 +1,19 @@
 """`sbn-study train`: final training by the paper's protocol, several seeds in parallel as Ray tasks.
 
 Each seed trains the configuration on the training split at its full budget, keeps the weights of its best
-validation epoch and evaluates them once on the test split. With a baseline, the same configuration with
-plain BatchNorm everywhere trains on the same seeds; a seed gives both arms the same batch order and
-augmentations, so the per-seed (paired) difference removes part of the seed-to-seed variance.
+validation epoch and evaluates them once on the test split. The comparison arms (`final.arms`) train on the
+same seeds; a seed gives every arm the same batch order and augmentations, so the per-seed (paired)
+difference removes part of the seed-to-seed variance. `final.comparison` turns the seeds into the table.
 
 As for a study, the driver alone writes MLflow (no concurrent writers on a sqlite store): every run is
 opened before its task starts, and a task returns its history and test metrics, which the driver logs when
-the task ends. The dataset is loaded once by the driver and shared through Ray's object store.
+the task ends. The dataset is loaded once by the driver and shared through Ray's object store. The
+comparison is written under the output folder and logged to the parent run once the seeds ended.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sbn_study.errors import UserError, one_line
+from sbn_study.final.arms import REFERENCE, ArmPlan
+from sbn_study.final.comparison import ArmSummary, PairedDifference, SeedScore, compare_arms
 from sbn_study.protocol import result_metrics
 from sbn_study.results.export import FinalConfig
 from sbn_study.spec.config import TrialConfig, flatten
@@ -28,18 +30,18 @@ from sbn_study.store.runs import ensure_experiment
 from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri
 
 if TYPE_CHECKING:
+    from sbn_study.store.record import StudyRecord
     from sbn_study.store.writer import RunWriter
     from sbn_study.trial.data import ImageDataset
 
-ARMS = ("config", "baseline")
-CONFIDENCE = 0.95
+# The comparison's files, under <output>/final/<parent run name>/ and as artifacts of the parent run.
+TABLE_MARKDOWN, TABLE_LATEX, FOREST_PLOT = "comparison.md", "comparison.tex", "forest_plot.png"
 
 
 @dataclass(frozen=True)
 class FinalOptions:
     experiment: str  # MLflow experiment of the runs, conventionally "<study>-final"
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    baseline: bool = False
     output: Path = Path("sbn-runs")
     tracking_uri: str | None = None
     address: str | None = None
@@ -62,32 +64,17 @@ class SeedResult:
 
 
 @dataclass(frozen=True)
-class ArmSummary:
-    n: int
-    mean: float
-    std: float  # sample standard deviation; NaN for one seed
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """config − baseline test accuracy over the seeds both arms completed, with a Student-t interval."""
-
-    n: int
-    mean: float
-    std: float
-    low: float
-    high: float
-    confidence: float
-
-
-@dataclass(frozen=True)
 class FinalOutcome:
     experiment: str
     tracking_uri: str
     parent_run_id: str
-    results: tuple[SeedResult, ...]
-    arms: dict[str, ArmSummary]
-    difference: PairedDifference | None
+    results: tuple[SeedResult, ...]  # by arm (the plan's order), then seed
+    arms: dict[str, ArmSummary]  # the reference first
+    differences: list[PairedDifference]  # every other arm − the reference, Holm-corrected across them
+    labels: dict[str, str]  # arm → how the table names it
+    folder: Path  # where the comparison's files are
+    files: tuple[str, ...]  # their names
+    not_logged: str  # why the parent run lacks the comparison's files; "" when it has them
     unsent: Path | None  # where writes the tracking store never took were saved, if any
 
 
@@ -96,44 +83,23 @@ def experiment_name(config: FinalConfig, path: Path) -> str:
     return f"{config.provenance.study if config.provenance else path.stem}-final"
 
 
-def baseline_config(config: TrialConfig) -> TrialConfig:
-    """The same configuration with plain BatchNorm (PyTorch defaults) at every site."""
-    return config.model_copy(
-        update={"norm": config.norm.model_copy(update={"kind": "bn", "placement": "none"})}
-    )
-
-
-def training_arms(config: TrialConfig, baseline: bool) -> dict[str, TrialConfig]:
-    """arm → its training configuration (without the provenance): "config", and "baseline" if asked for."""
-    trial = TrialConfig.model_validate(config.model_dump(exclude={"provenance"}))
-    if not baseline:
-        return {"config": trial}
-    # Without a placement every site is a plain BN whatever the other norm settings say.
-    if trial.norm.placement == "none":
-        raise UserError(
-            "--baseline: this configuration has norm.placement none, so it already is the plain-BN baseline"
-        )
-    return {"config": trial, "baseline": baseline_config(trial)}
-
-
 def run_final(
-    config: FinalConfig, options: FinalOptions, on_result: Callable[[SeedResult], None] | None = None
+    plan: ArmPlan, options: FinalOptions, on_result: Callable[[SeedResult], None] | None = None
 ) -> FinalOutcome:
-    """Trains every (arm, seed) as one Ray task on the local Ray (started unless one is already running in
-    this process, which is then left running) or the cluster at `options.address`; `on_result` is called as
-    each one ends."""
+    """Trains every (arm, seed) of the plan as one Ray task on the local Ray (started unless one is already
+    running in this process, which is then left running) or the cluster at `options.address`; `on_result`
+    is called as each one ends."""
     from sbn_study.study.cluster import ClusterTarget, start_ray
     from sbn_study.study.state import prepare_output
 
     if not options.seeds:
         raise UserError("--seeds: expected at least one seed")
-    arms = training_arms(config, options.baseline)
     output = prepare_output(options.output)
     uri = resolve_tracking_uri(options.tracking_uri, None, output)
     check_reachable(uri)
     started_ray = start_ray(ClusterTarget(address=options.address))
     try:
-        return _run(config, arms, options, output, uri, on_result)
+        return _run(plan, options, output, uri, on_result)
     finally:
         if started_ray:
             import ray
@@ -142,8 +108,7 @@ def run_final(
 
 
 def _run(
-    config: FinalConfig,
-    arms: dict[str, TrialConfig],
+    plan: ArmPlan,
     options: FinalOptions,
     output: Path,
     uri: str,
@@ -152,7 +117,6 @@ def _run(
     import ray
     import yaml
 
-    from sbn_study.results.analysis import arm_label
     from sbn_study.store.record import StudyRecord
     from sbn_study.study.cluster import check_fits
     from sbn_study.trial.data import load_dataset
@@ -161,6 +125,7 @@ def _run(
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
     check_fits(options.cpus_per_seed, gpus, "--cpus-per-seed/--gpus-per-seed", "seed")
+    config = plan.config
     dataset = ray.put(load_dataset(config.data))
     experiment_id = ensure_experiment(uri, options.experiment, output / "artifacts")
     source = config.provenance
@@ -168,6 +133,7 @@ def _run(
         "sbn.kind": "final",
         "sbn.study": source.study if source else "",
         "sbn.source_run": source.run_id if source else "",
+        "sbn.arm_values": plan.origin,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     unsent = output / "final" / f"{options.experiment}.unsent.jsonl"
@@ -180,8 +146,8 @@ def _run(
     launched: dict[Any, tuple[str, int]] = {}  # task → (arm, seed)
     results: list[SeedResult] = []
     try:
-        for arm, arm_config in arms.items():
-            label = arm_label(arm_config.norm.kind, arm_config.norm.placement)
+        for arm, arm_config in plan.arms.items():
+            label = plan.labels[arm]
             for seed in options.seeds:
                 seeded = arm_config.model_copy(
                     update={"train": arm_config.train.model_copy(update={"seed": seed})}
@@ -202,8 +168,11 @@ def _run(
             results.append(result)
             if on_result is not None:
                 on_result(result)
-        summaries, difference = summarize(results)
-        _log_summary(writer, summaries, difference)
+        order = {arm: i for i, arm in enumerate(plan.arms)}
+        results.sort(key=lambda r: (order[r.arm], r.seed))
+        scores = [SeedScore(r.arm, r.seed, r.status, r.test_acc) for r in results]
+        summaries, differences = compare_arms(scores, REFERENCE)
+        writer.log_parent_metrics(_summary_metrics(summaries, differences))
     except BaseException:
         # Ctrl-C (or a lost tracking store): stop the seeds still training and mark their runs killed.
         for ref in launched:
@@ -211,14 +180,19 @@ def _run(
         record.finish("KILLED")
         raise
     unsent_writes = record.finish("FINISHED")
-    order = {arm: i for i, arm in enumerate(ARMS)}
+    folder = output / "final" / run_name
+    files, not_logged = _publish(record, folder, plan, (summaries, differences), not unsent_writes)
     return FinalOutcome(
         experiment=options.experiment,
         tracking_uri=redact_uri(uri),
         parent_run_id=record.handle.parent_run_id,
-        results=tuple(sorted(results, key=lambda r: (order[r.arm], r.seed))),
+        results=tuple(results),
         arms=summaries,
-        difference=difference,
+        differences=differences,
+        labels=plan.names,
+        folder=folder,
+        files=files,
+        not_logged=not_logged,
         unsent=unsent if unsent_writes else None,
     )
 
@@ -292,40 +266,58 @@ def _train_seed(config: TrialConfig, dataset: ImageDataset) -> dict[str, Any]:
     }
 
 
-def summarize(results: list[SeedResult]) -> tuple[dict[str, ArmSummary], PairedDifference | None]:
-    """Test accuracy mean ± std per arm over its completed seeds, and the paired difference config − baseline
-    over the seeds both arms completed, with a two-sided Student-t confidence interval (n − 1 df)."""
-    from scipy import stats
-
-    completed = {(r.arm, r.seed): r.test_acc for r in results if r.status == "completed"}
-    summaries = {}
-    for arm in ARMS:
-        values = [acc for (a, _), acc in completed.items() if a == arm]
-        if values:
-            std = statistics.stdev(values) if len(values) > 1 else math.nan
-            summaries[arm] = ArmSummary(len(values), statistics.fmean(values), std)
-    paired = [
-        acc - completed["baseline", seed]
-        for (arm, seed), acc in completed.items()
-        if arm == "config" and ("baseline", seed) in completed
-    ]
-    if not paired:
-        return summaries, None
-    mean = statistics.fmean(paired)
-    if len(paired) < 2:
-        return summaries, PairedDifference(1, mean, math.nan, math.nan, math.nan, CONFIDENCE)
-    std = statistics.stdev(paired)
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(paired) - 1)) * std / math.sqrt(len(paired))
-    return summaries, PairedDifference(len(paired), mean, std, mean - half, mean + half, CONFIDENCE)
+def _summary_metrics(
+    summaries: dict[str, ArmSummary], differences: list[PairedDifference]
+) -> dict[str, float]:
+    """The comparison as metrics of the parent run, so the MLflow UI shows it next to the seeds."""
+    values: dict[str, float] = {}
+    for arm, s in summaries.items():
+        counts = {"completed": s.completed, "diverged": s.diverged, "failed": s.failed}
+        values |= {f"{arm}/test_acc_mean": s.mean, f"{arm}/test_acc_std": s.std}
+        values |= {f"{arm}/{status}": count for status, count in counts.items()}
+    for d in differences:
+        prefix = f"diff/{d.arm}/"
+        values |= {f"{prefix}test_acc_{k}": getattr(d, k) for k in ("mean", "std", "low", "high")}
+        values |= {f"{prefix}p": d.p_value, f"{prefix}p_holm": d.p_holm, f"{prefix}pairs": d.n}
+    return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 
 
-def _log_summary(
-    writer: RunWriter, summaries: dict[str, ArmSummary], difference: PairedDifference | None
-) -> None:
-    """The summary as metrics of the parent run, so the MLflow UI shows it next to the seeds."""
-    values = {f"{arm}/test_acc_{k}": getattr(s, k) for arm, s in summaries.items() for k in ("mean", "std")}
-    if difference is not None:
-        values |= {
-            f"paired_diff/test_acc_{k}": getattr(difference, k) for k in ("mean", "std", "low", "high")
-        }
-    writer.log_parent_metrics({k: v for k, v in values.items() if math.isfinite(v)})
+def _publish(
+    record: StudyRecord,
+    folder: Path,
+    plan: ArmPlan,
+    comparison: tuple[dict[str, ArmSummary], list[PairedDifference]],
+    store_took_all: bool,
+) -> tuple[tuple[str, ...], str]:
+    """Writes the comparison's table (Markdown, LaTeX) and forest plot to `folder`, then to the parent run
+    unless the store already failed to take a write. Returns the files' names and why the parent run lacks
+    them ("" when it has them)."""
+    import matplotlib.pyplot as plt
+
+    from sbn_study.final.comparison import forest_plot, latex_table
+    from sbn_study.final.render import render_comparison
+
+    summaries, differences = comparison
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = {
+        TABLE_MARKDOWN: render_comparison(summaries, differences, plan),
+        TABLE_LATEX: latex_table(summaries, differences, plan.names),
+    }
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    # One arm alone has no difference to plot.
+    figure = forest_plot(differences, plan.names) if differences else None
+    if figure is not None:
+        figure.savefig(folder / FOREST_PLOT, dpi=150)
+    written = (*texts, *((FOREST_PLOT,) if figure is not None else ()))
+    try:
+        if store_took_all:
+            record.log_artifacts(texts)
+            if figure is not None:
+                record.log_figure(figure, FOREST_PLOT)
+    except Exception as exc:  # a store that went away after the seeds: the files are written
+        return written, one_line(exc)
+    finally:
+        if figure is not None:
+            plt.close(figure)
+    return written, "" if store_took_all else "the tracking store did not take every write"

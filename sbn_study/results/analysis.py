@@ -28,8 +28,9 @@ from sbn_study.errors import UserError, one_line
 from sbn_study.protocol import BETTER, EPOCH_METRICS, FEATURE_PREFIX
 from sbn_study.results.stats import CONFIDENCE, t_interval
 from sbn_study.spec import StudySpec
+from sbn_study.spec.catalog import arm_label
 from sbn_study.spec.config import TrialConfig, flatten
-from sbn_study.store.runs import trial_runs
+from sbn_study.store.runs import open_client, trial_runs
 from sbn_study.store.uri import redact_uri
 
 # A composite norm site X (see sbn_study.trial.norms) is measured as X.bn, then X.sbn (SBN) or X.bn2 (2bn control).
@@ -73,7 +74,8 @@ def open_store(uri: str) -> MlflowClient:
         )
     # Progress bars for single small YAML artifacts would clutter terminals and notebooks.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return MlflowClient(tracking_uri=uri)
+    # With HTTP retries and timeouts bounded: a server that stops answering fails a read in seconds, not minutes.
+    return open_client(uri)
 
 
 def executions(uri: str, study: str) -> pd.DataFrame:
@@ -161,14 +163,6 @@ def _param_value(key: str, text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-
-
-def arm_label(kind: str, placement: str) -> str:
-    """The paper's notation for a norm configuration: "sbn34" (SBN at stages 3 and 4), "2bn34" (the control),
-    "sbn-all"; "bn" for plain BatchNorm everywhere (placement none, whatever the kind)."""
-    if placement == "none":
-        return "bn"
-    return f"{kind}{placement}" if placement.isdigit() else f"{kind}-{placement}"
 
 
 def trials(uri: str, study: str, *, execution: str | None = None, all_params: bool = False) -> pd.DataFrame:

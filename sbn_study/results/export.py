@@ -9,11 +9,13 @@ budget can rank high on a short run, so its provenance says `full_budget: false`
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -41,6 +43,9 @@ class Provenance(Strict):
     epochs_run: int
     budget: int  # the study's full budget in epochs
     full_budget: bool  # whether the trial trained to `budget` (a scheduler may have stopped it before)
+    # Every `train.seed` the study's trials trained with; final training picks other seeds. None in files
+    # exported before it was recorded.
+    search_seeds: list[int] | None = None
 
 
 class FinalConfig(TrialConfig):
@@ -69,7 +74,7 @@ def export_best(
     from sbn_study.protocol import RANKED_STATUSES
     from sbn_study.results.analysis import best_trials, open_store, trials
 
-    table = trials(uri, study, execution=execution)
+    table = trials(uri, study, execution=execution, all_params=True)
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     if not counts.get("completed"):
         found = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no trials"
@@ -80,6 +85,7 @@ def export_best(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the folder {out_dir} ({exc.strerror or exc})") from None
+    seeds = search_seeds(table.get("train.seed", ()))
     client = open_store(uri)
     exported = []
     for rank, row in enumerate(ranked.to_dict("records"), start=1):
@@ -98,6 +104,7 @@ def export_best(
             epochs_run=row["epochs"],
             budget=budget,
             full_budget=row["full_budget"],
+            search_seeds=seeds,
         )
         with tempfile.TemporaryDirectory() as folder:
             text = Path(client.download_artifacts(row["run_id"], "config.yaml", folder)).read_text()
@@ -107,6 +114,12 @@ def export_best(
         path.write_text(_header(provenance, path) + dump_yaml(document))
         exported.append(Exported(path, provenance))
     return exported
+
+
+def search_seeds(values: Iterable[Any]) -> list[int]:
+    """The distinct seeds among the `train.seed` values of a study's trials (MLflow params as text, or the
+    typed values of a trials table), without the missing ones of a run whose params were never logged."""
+    return sorted({int(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
 
 def _header(p: Provenance, path: Path) -> str:

@@ -9,18 +9,27 @@ seed) builds the model with that seed, measures the statistics on the same fixed
 A norm slot's output is what the next layer sees: for a composite site (BN then SBN, or the 2bn control) that
 is its second norm, for a single norm the norm itself (`results.analysis.site_roles`). Slots are compared by
 depth, their order in the forward pass, which is the same for every arm of one architecture.
+
+`run_probe` is the command: in-process (no Ray: a tiny model takes seconds), it writes the long table, the
+figure and the summary under the output folder and logs them to one MLflow run, with the request as params.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from sbn_study.errors import UserError
 from sbn_study.results.stats import CONFIDENCE, t_interval
-from sbn_study.spec.config import TrialConfig
+from sbn_study.spec.config import TrialConfig, flatten
+
+# The files a probe writes, under <output>/probe/<run name>/ and as artifacts of its run.
+TABLE, FIGURE, SUMMARY = "probe.csv", "probe.png", "summary.md"
 
 # What a probe reports per slot by default: the paper's three kinds of evidence.
 DEFAULT_STATS = ("norm", "max", "p7", "p50", "p93", "flatness")
@@ -134,3 +143,125 @@ def markdown_summary(summary: pd.DataFrame, stats: Sequence[str] = ("norm", "fla
         ]
         lines.append(f"| {arm} | {placement} | {slot} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ProbeSource:
+    path: str  # the spec or final-training config probed
+    config: TrialConfig  # its (base) trial configuration
+    name: str  # the study it belongs to: the experiment is `<name>-probe`
+    tracking_uri: str | None  # a spec's tracking.uri
+
+
+def load_source(path: str, overrides: Sequence[str], final: bool) -> ProbeSource:
+    """A study spec, or (`final`) a final-training configuration named after its study, else its file."""
+    if final:
+        from sbn_study.results.export import load_final_config
+
+        config = load_final_config(path, overrides)
+        name = config.provenance.study if config.provenance else Path(path).stem
+        return ProbeSource(
+            path, TrialConfig.model_validate(config.model_dump(exclude={"provenance"})), name, None
+        )
+    from sbn_study.spec import load_spec
+
+    spec = load_spec(path, overrides)
+    return ProbeSource(path, spec.base_config(), spec.name, spec.tracking.uri)
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    source: ProbeSource
+    output: Path
+    tracking_uri: str
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    summary: str  # the Markdown summary
+    models: int  # arms × placements × seeds
+    seconds: float  # building and measuring them
+    folder: Path  # where the files are
+    experiment: str
+    run_id: str
+    tracking_uri: str  # without credentials
+
+
+def check_request(request: ProbeRequest) -> None:
+    """Every arm × placement must be a configuration a trial could be built from: UserError otherwise."""
+    from sbn_study.spec.rules import cross_field_errors
+
+    errors = []
+    for arm in request.arms:
+        for placement in request.placements:
+            flat = flatten(request.config.model_dump()) | {"norm.kind": arm, "norm.placement": placement}
+            errors += cross_field_errors(flat, {}, None)[0]
+    if errors:
+        raise UserError("\n".join(dict.fromkeys(errors)))
+
+
+def run_probe(request: ProbeRequest, options: ProbeOptions) -> ProbeOutcome:
+    """Probes every arm × placement × seed, writes the table, figure and summary, and logs them to one run."""
+    import matplotlib.pyplot as plt
+    from mlflow.entities import Param
+
+    from sbn_study.store.runs import ensure_experiment, open_client
+    from sbn_study.store.uri import check_reachable, redact_uri
+    from sbn_study.study.state import prepare_output
+
+    check_request(request)
+    output = prepare_output(options.output)
+    check_reachable(options.tracking_uri)
+    start = time.monotonic()
+    table = probe_at_init(request)
+    seconds = time.monotonic() - start
+    summary = summarize_probe(table)
+    experiment = f"{options.source.name}-probe"
+    run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = output / "probe" / run_name
+    folder.mkdir(parents=True, exist_ok=True)
+    text = markdown_summary(summary)
+    (folder / SUMMARY).write_text(text)
+    table.to_csv(folder / TABLE, index=False)
+    figure = probe_figure(summary)
+    figure.savefig(folder / FIGURE, dpi=120)
+    plt.close(figure)
+
+    uri = options.tracking_uri
+    client = open_client(uri)
+    experiment_id = ensure_experiment(uri, experiment, output / "artifacts")
+    run_id = client.create_run(experiment_id, run_name=run_name, tags={"sbn.kind": "probe"}).info.run_id
+    params = [Param(key, value) for key, value in _params(request, options.source).items()]
+    for first in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[first : first + 100])
+    for name in (TABLE, FIGURE, SUMMARY):
+        client.log_artifact(run_id, str(folder / name))
+    client.set_terminated(run_id)
+    models = len(request.arms) * len(request.placements) * len(request.seeds)
+    return ProbeOutcome(text, models, seconds, folder, experiment, run_id, redact_uri(uri))
+
+
+def _params(request: ProbeRequest, source: ProbeSource) -> dict[str, str]:
+    """The request: what was probed, and the configuration every model shares (its norm kind and placement
+    are the arms' and placements')."""
+    shared = flatten(request.config.model_dump())
+    del shared["norm.kind"], shared["norm.placement"]
+    return {
+        "probe.source": source.path,
+        "probe.arms": ",".join(request.arms),
+        "probe.placements": ",".join(request.placements),
+        "probe.seeds": ",".join(map(str, request.seeds)),
+        **{key: str(value) for key, value in shared.items()},
+    }
+
+
+def render_probe(outcome: ProbeOutcome) -> str:
+    return "\n".join(
+        [
+            f"probe: {outcome.models} untrained models in {outcome.seconds:.1f} s; the deepest norm slot, mean "
+            "[95 % t interval] over seeds:",
+            outcome.summary.rstrip("\n"),
+            f"wrote {outcome.folder}/: {TABLE}, {FIGURE}, {SUMMARY}",
+            f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.experiment}', run {outcome.run_id})",
+        ]
+    )

@@ -8,11 +8,18 @@ keep the two the same set, and build every kind and option to keep the "acts" fa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sbn_study.errors import UserError
+from sbn_study.errors import UserError, one_line
+from sbn_study.spec.config import DOMAINS
+from sbn_study.spec.messages import show
 
 
 @dataclass(frozen=True)
@@ -28,11 +35,11 @@ _VGG = "sbn_study.trial.models.vgg"
 
 # In the order errors list them.
 ARCHITECTURES: dict[str, Architecture] = {
-    "resnet18": Architecture(4, f"{_RESNET}:resnet18"),
+    "resnet18": Architecture(4, f"{_RESNET}:resnet18", ("stem",)),
     "resnet20": Architecture(3, f"{_CIFAR_RESNET}:resnet20"),
     "resnet32": Architecture(3, f"{_CIFAR_RESNET}:resnet32"),
-    "resnet34": Architecture(4, f"{_RESNET}:resnet34"),
-    "resnet50": Architecture(4, f"{_RESNET}:resnet50"),
+    "resnet34": Architecture(4, f"{_RESNET}:resnet34", ("stem",)),
+    "resnet50": Architecture(4, f"{_RESNET}:resnet50", ("stem",)),
     "resnet56": Architecture(3, f"{_CIFAR_RESNET}:resnet56"),
     "resnet110": Architecture(3, f"{_CIFAR_RESNET}:resnet110"),
     "tiny": Architecture(3, "sbn_study.trial.models.tiny:tiny", ("width",)),
@@ -63,9 +70,14 @@ NORMS: dict[str, NormKind] = {
         frozenset({"eps", "momentum", "fft_norm"}),
         requires=(("affine", True, "it learns its downscale as the BatchNorm's γ"),),
     ),
+    "cbn": NormKind(_BN_SETTINGS | {"cbn_window", "cbn_burnin"}),
     "gn": NormKind(frozenset({"eps", "affine", "groups"})),  # no running statistics
     "iebn": NormKind(_BN_SETTINGS),
+    # Its memory replaces running statistics in inference too, so no momentum.
+    "mbn": NormKind(frozenset({"eps", "affine", "mbn_window", "mbn_double_forward"})),
     "none": NormKind(frozenset()),
+    # `groups` acts with `proxynorm_base: gn` only (LN is GN with one group).
+    "proxynorm": NormKind(frozenset({"eps", "affine", "groups", "proxynorm_base"})),
     "sbn": NormKind(_SPECTRAL_SETTINGS),
     "sbn_center": NormKind(_SPECTRAL_SETTINGS - {"eps"}),  # it never divides, so never adds eps
     "sbn_noaffine": NormKind(_SPECTRAL_SETTINGS - {"affine"}),  # affine off, whatever the setting
@@ -101,6 +113,11 @@ _CONDITIONS: dict[str, tuple[Needs, ...]] = {
     "norm.kind": (_PLACED,),
     "train.milestones": (_STEP_SCHEDULE,),
     "train.gamma": (_STEP_SCHEDULE,),
+    "data.dg_method": (Needs("data.dataset", frozenset(DOMAINS)),),
+    "data.bne_statistics": (
+        Needs("data.dataset", frozenset(DOMAINS)),
+        Needs("data.dg_method", frozenset({"bne"})),
+    ),
 }
 
 
@@ -109,9 +126,12 @@ def acts_only_when(key: str) -> tuple[Needs, ...]:
     every condition must. Model options act only for the architectures that take them, norm settings only
     for the kinds that read them and only where a placement places the kind."""
     section, _, setting = key.partition(".")
+    if section == "norm" and setting.partition(".")[0] == "options":
+        return Needs("norm.kind", frozenset(NORM_KINDS), negated=True), _PLACED
     if section == "norm" and setting not in ("kind", "placement"):
         return _one_of("norm.kind", {k for k, n in NORMS.items() if setting in n.reads}, NORMS), _PLACED
-    if section == "model" and setting != "arch":
+    # Weights load into any architecture they fit (`sbn_study.trial.pretrained`).
+    if section == "model" and setting not in ("arch", "weights"):
         return (
             _one_of(
                 "model.arch", {a for a, e in ARCHITECTURES.items() if setting in e.options}, ARCHITECTURES
@@ -126,9 +146,10 @@ def _one_of(key: str, acting: set[str], every: Iterable[str]) -> Needs:
     return Needs(key, idle, negated=True) if len(idle) < len(acting) else Needs(key, frozenset(acting))
 
 
-# The data settings a trial applies itself (augmentation, in its loader). The others make the dataset, which
-# the study's driver loads once and hands to every trial (`sbn_study.tune.trainable`).
-PER_TRIAL_DATA_SETTINGS: frozenset[str] = frozenset({"data.augment"})
+# The data settings a trial applies itself (augmentation, in its loader; a multi-domain trial's method, in its
+# training and test). The others make the dataset, which the study's driver loads once and hands to every trial
+# (`sbn_study.tune.trainable`).
+PER_TRIAL_DATA_SETTINGS: frozenset[str] = frozenset({"data.augment", "data.dg_method", "data.bne_statistics"})
 
 # The training images (before `data.val_size` is held out) of the datasets that are files; the synthetic
 # one has `data.synthetic.train_size`.
@@ -142,6 +163,75 @@ def architecture(arch: str) -> Architecture:
     except KeyError:
         known = ", ".join(ARCHITECTURES)
         raise UserError(f"model.arch: unknown architecture {arch!r}; known: {known}") from None
+
+
+def arm_label(kind: str, placement: str) -> str:
+    """The paper's notation for a norm configuration: "sbn34" (SBN at stages 3 and 4), "2bn34" (the control),
+    "sbn-all"; "bn" for plain BatchNorm everywhere (placement none, whatever the kind)."""
+    if placement == "none":
+        return "bn"
+    return f"{kind}{placement}" if placement.isdigit() else f"{kind}-{placement}"
+
+
+# A norm of the user's own: "package.module:Factory" (`sbn_study.trial.norms` builds it at the placed sites).
+_CUSTOM_KIND = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+# The site `validate` builds a custom norm for, to check that its factory returns a module: a width and a map
+# every architecture here has.
+PROBE_SITE = {"channels": 64, "stage": 1, "spatial": (32, 32)}
+
+
+def is_custom_norm(kind: str) -> bool:
+    """Whether `kind` names a factory of the user's (it has the module:attribute colon) and not a built-in."""
+    return ":" in kind
+
+
+def norm_kind_error(kind: Any, options: dict[str, Any]) -> str | None:
+    """What is wrong with `kind` as a `norm.kind` value (None if nothing); a custom kind is imported and its
+    factory called once on `PROBE_SITE` with `options`, so only a custom kind imports anything."""
+    if not isinstance(kind, str) or not is_custom_norm(kind):
+        if isinstance(kind, str) and kind in NORMS:
+            return None
+        return f"expected one of {', '.join(NORM_KINDS)} or package.module:Factory, got {show(kind)}"
+    try:
+        factory = custom_norm_factory(kind, options)
+        made = factory(
+            PROBE_SITE["channels"], stage=PROBE_SITE["stage"], spatial=PROBE_SITE["spatial"], **options
+        )
+    except UserError as exc:
+        return str(exc)
+    except Exception as exc:  # the user's code: whatever it raises is the answer
+        return f"{kind} failed on a {PROBE_SITE['channels']}-channel site: {one_line(exc, with_type=True)}"
+    from torch import nn  # the user's module has imported torch already
+
+    if not isinstance(made, nn.Module):
+        return f"{kind} returned an object of type {type(made).__name__}, not a torch.nn.Module"
+    return None
+
+
+def custom_norm_factory(kind: str, options: dict[str, Any]) -> Callable[..., Any]:
+    """The factory `kind` ("package.module:Factory") names, checked to take `(channels, stage=, spatial=,
+    **options)`; UserError (without the key) if it cannot be imported or called so. The working directory
+    is searched first, as `python -m` does, so a module beside the spec is found from the console script too.
+    """
+    if not _CUSTOM_KIND.fullmatch(kind):
+        raise UserError(f"expected a custom norm as package.module:Factory, got {kind!r}")
+    module_name, _, name = kind.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # a module that fails to import raises anything
+        raise UserError(f"cannot import {module_name} for {kind}: {one_line(exc, with_type=True)}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UserError(f"{module_name} has no callable {name}")
+    try:
+        inspect.signature(factory).bind(PROBE_SITE["channels"], stage=0, spatial=None, **options)
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"{kind} cannot be called as {name}(channels, stage=, spatial=, **norm.options): {exc}"
+        ) from None
+    return factory
 
 
 def parse_placement(placement: str, num_stages: int, arch: str) -> frozenset[int]:

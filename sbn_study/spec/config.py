@@ -6,6 +6,7 @@ Every model is `extra="forbid"` so a typo in a spec is an error, never a silentl
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -14,7 +15,26 @@ from pydantic_core import PydanticCustomError
 
 from sbn_study.spec.messages import show, spec_error
 
-DatasetName = Literal["synthetic", "cifar10", "cifar100"]
+# The multi-domain datasets (`sbn_study.trial.domains`) and their domains, in the order folds run; the generic
+# `domains` layout takes every folder under data.root as a domain, so its domains are known once it is read.
+DOMAINS: dict[str, tuple[str, ...]] = {
+    "synthetic_domains": ("plain", "tinted", "faded", "grey"),
+    "pacs": ("art_painting", "cartoon", "photo", "sketch"),
+    "office31": ("amazon", "dslr", "webcam"),
+    "office_caltech_10": ("amazon", "caltech", "dslr", "webcam"),
+    "domains": (),
+}
+DatasetName = Literal[
+    "synthetic",
+    "cifar10",
+    "cifar100",
+    "synthetic_domains",
+    "pacs",
+    "office31",
+    "office_caltech_10",
+    "domains",
+]
+DgMethod = Literal["deepall", "adabn", "bne"]
 FftNorm = Literal["backward", "ortho", "forward"]
 
 # numpy's generators, and so Optuna's samplers, take seeds in [0, 2**32 - 1], the narrowest range of the
@@ -68,16 +88,62 @@ class SyntheticConfig(Strict):
     seed: Seed = 0
 
 
+class SyntheticDomainsConfig(Strict):
+    """The embedded multi-domain set: the same classes rendered in every style of `DOMAINS["synthetic_domains"]`."""
+
+    num_classes: int = Field(7, ge=2, le=1000)
+    images_per_domain: int = Field(768, ge=2, le=1_000_000)
+    seed: Seed = 0
+
+
 class DataConfig(Strict):
     dataset: DatasetName = "synthetic"
-    # Where `cifar-10-batches-py/` and `cifar-100-python/` live (or are downloaded to). `~` is expanded.
+    # Where `cifar-10-batches-py/` and `cifar-100-python/` live (or are downloaded to), and the multi-domain
+    # datasets' folders (`PACS/`, `office31/`, ...; never downloaded). `~` is expanded.
     root: PathText = "~/.cache/sbn-study/data"
     # The paper holds out 5,000 of CIFAR's 50,000 training images; search optimizes on them, never on test.
+    # The multi-domain datasets hold out `val_fraction` of each source domain instead.
     val_size: int = Field(5000, ge=0)
     split_seed: Seed = 0
     download: bool = True
     augment: bool = True
     synthetic: SyntheticConfig = SyntheticConfig()
+    # The rest is for the multi-domain datasets: leave-one-domain-out (`sbn_study.trial.domain_train`).
+    # The held-out target domain, or "all": every domain in turn, all of them in one trial.
+    target: str = "all"
+    # Side of the decoded square images; None: 32 for synthetic_domains (their rendered size), else 224.
+    resolution: int | None = Field(None, ge=8, le=1024)
+    # Of each source domain, held out as the validation split the search optimizes; the target never is.
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    dg_method: DgMethod = "deepall"
+    # How BNE places target images among the sources: by each test batch's statistics, or each image's own
+    # (the paper's; on held-out source images it picked the image's own source far less reliably).
+    bne_statistics: Literal["batch", "instance"] = "batch"
+    synthetic_domains: SyntheticDomainsConfig = SyntheticDomainsConfig()
+
+    @field_validator("target")
+    @classmethod
+    def _a_domain_of_the_dataset(cls, target: str, info: ValidationInfo) -> str:
+        dataset = info.data.get("dataset")
+        if target == "all" or dataset is None:  # an invalid dataset has its own error
+            return target
+        if dataset not in DOMAINS:
+            raise spec_error(
+                f"a held-out domain needs a multi-domain dataset ({', '.join(DOMAINS)}), got data.dataset "
+                f"{dataset}: use all"
+            )
+        if DOMAINS[dataset] and target not in DOMAINS[dataset]:
+            raise spec_error(
+                f"expected all or a domain of {dataset} ({', '.join(DOMAINS[dataset])}), got {show(target)}"
+            )
+        return target
+
+    @property
+    def image_resolution(self) -> int:
+        """The side the multi-domain images are decoded to."""
+        if self.resolution is not None:
+            return self.resolution
+        return 32 if self.dataset == "synthetic_domains" else 224
 
 
 class ModelConfig(Strict):
@@ -86,6 +152,17 @@ class ModelConfig(Strict):
     dropout: float = Field(
         0.5, ge=0.0, lt=1.0, description="classifier dropout of the VGG models (paper: 0.5)"
     )
+    # The ResNets' stem: "cifar" (3×3 stride 1, no max-pool: 32-pixel images), "imagenet" (torchvision's 7×7
+    # stride 2 and a max-pool: 224-pixel images, and what ImageNet weights were trained with).
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    # A torchvision state dict (e.g. resnet18-f37072fd.pth) the model starts from; its classifier is not loaded.
+    weights: PathText | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, weights: str | None) -> str | None:
+        # Ray Tune runs each trial in its own working directory.
+        return None if weights is None else os.path.abspath(os.path.expanduser(weights))
 
 
 class NormConfig(Strict):
@@ -98,7 +175,20 @@ class NormConfig(Strict):
     fft_norm: FftNorm = "backward"
     affine: bool = True
     impl: Literal["auto", "fft"] = "auto"
-    groups: int = Field(32, ge=1, description="groups of GroupNorm / Batch Group Norm")
+    groups: int = Field(32, ge=1, description="groups of GroupNorm / Batch Group Norm / Proxy Norm's GN")
+    # Cross-Iteration BN: statistics pooled over the last `cbn_window` iterations (the current one included),
+    # plain BN for the first `cbn_burnin` training iterations, while the weights still move fast.
+    cbn_window: int = Field(4, ge=1, le=64, description="iterations CBN pools statistics over (k)")
+    cbn_burnin: int = Field(1000, ge=0, description="training iterations of plain BN before CBN pools")
+    # Memorized BN: statistics of the last `mbn_window` batches, in training and inference alike.
+    mbn_window: int = Field(4, ge=1, le=1024, description="batches MBN memorizes (k)")
+    mbn_double_forward: bool = Field(
+        True, description="MBN re-measures each batch after the update (one extra forward per step)"
+    )
+    proxynorm_base: Literal["gn", "ln"] = Field("gn", description="the batch-independent norm before PN")
+    # The keyword arguments of a custom kind's factory (`kind: "package.module:Factory"`); no built-in kind
+    # reads them.
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class TrainConfig(Strict):

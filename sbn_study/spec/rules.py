@@ -14,12 +14,12 @@ from pydantic import BaseModel, ValidationError
 from sbn_study.errors import UserError
 from sbn_study.spec.catalog import (
     ARCHITECTURES,
-    NORM_KINDS,
     PER_TRIAL_DATA_SETTINGS,
     TRAIN_IMAGES,
+    norm_kind_error,
     parse_placement,
 )
-from sbn_study.spec.config import TrialConfig
+from sbn_study.spec.config import TrialConfig, set_dotted
 from sbn_study.spec.distributions import Distribution, is_integral, sampling_order
 from sbn_study.spec.effects import effect_errors
 from sbn_study.spec.messages import describe, model_at, show
@@ -276,16 +276,25 @@ def _component_errors(
             return f"search.space.{key}: choice: ", list(dist.values) if dist else []
         return f"{key}: ", [base[key]] if key in base else []
 
+    options: dict[str, Any] = {}
+    for key, value in base.items():
+        if key.startswith("norm.options."):
+            set_dotted(options, key.removeprefix("norm.options."), value)
+
+    def problem(key: str, value: Any) -> str | None:
+        if key == "norm.kind":
+            return norm_kind_error(value, options)
+        known = tuple(ARCHITECTURES)
+        return None if value in known else f"expected one of {', '.join(known)}, got {show(value)}"
+
     errors = []
-    for key, known in (("model.arch", tuple(ARCHITECTURES)), ("norm.kind", NORM_KINDS)):
+    for key in ("model.arch", "norm.kind"):
         # The base value must be valid even when searched: base_config() hands it out.
         where, values = candidates(key)
         checked = [(where, value) for value in values]
         if key in space and key in base:
             checked.append((f"{key}: ", base[key]))
-        errors += [
-            f"{w}expected one of {', '.join(known)}, got {show(v)}" for w, v in checked if v not in known
-        ]
+        errors += [w + message for w, v in checked if (message := problem(key, v))]
     where, placements = candidates(PLACEMENT)
     for arch in candidates("model.arch")[1]:
         for placement in placements if arch in ARCHITECTURES else []:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sbn_study.store.runs import STATUS_TAG, TRIAL_ID_TAG, end_if_running, open_client, trial_runs
+from sbn_study.store.ui import NOTE_TAG
 from sbn_study.store.writer import RecordHandle, RunWriter
 
 # How long ending the record waits for the store to take what is queued before saving it to the file.
@@ -45,6 +46,14 @@ class StudyRecord:
         client = self._client()
         for name, text in files.items():
             client.log_text(self.handle.parent_run_id, text, name)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        """A matplotlib figure of the parent run (its format from `name`'s extension), sent at once."""
+        self._client().log_figure(self.handle.parent_run_id, figure, name)
+
+    def describe(self, note: str) -> None:
+        """The parent run's Markdown description in MLflow's UI, sent at once."""
+        self._client().set_tag(self.handle.parent_run_id, NOTE_TAG, note)
 
     def drop_trials_except(self, known: set[str]) -> int:
         """Ends as killed and deletes the runs of trials not in `known`; returns how many.

@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from sbn_study.protocol import TrialStatus
+from sbn_study.store.ui import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 from sbn_study.store.uri import is_remote_store
 
 TRIAL_ID_TAG = "sbn.trial_id"
 STATUS_TAG = "sbn.status"
+KIND_TAG = "sbn.kind"  # "study" or "final" on a parent run
+# On a study's parent run: the state file that `--resume` reads, so that a parent run whose driver died
+# before it saved that file is found again by it.
+STATE_FILE_TAG = "sbn.state_file"
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow's ceiling for one search.
 MAX_RUNS = 50000
@@ -45,7 +50,10 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     location = (
         None if artifact_root is None or is_remote_store(uri) else (artifact_root / name).resolve().as_uri()
     )
-    return client.create_experiment(name, artifact_location=location)
+    # Every experiment here records model training: MLflow's UI would otherwise guess, or show GenAI pages.
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    )
 
 
 def trial_runs(client: Any, experiment_id: str, parent_run_id: str, trial_id: str | None = None) -> list[Any]:
@@ -57,6 +65,22 @@ def trial_runs(client: Any, experiment_id: str, parent_run_id: str, trial_id: st
         [experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=MAX_RUNS
     )
     return [run for run in runs if TRIAL_ID_TAG in run.data.tags]
+
+
+def running_study_runs(uri: str, experiment_name: str, state_file: str) -> list[Any]:
+    """The parent runs of study executions kept in `state_file` that are still RUNNING, newest first."""
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{KIND_TAG}` = 'study' and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time DESC"],
+        max_results=MAX_RUNS,
+    )
+    # Compared here, not in the filter: a path may hold quotes that the filter grammar cannot.
+    return [run for run in runs if run.data.tags.get(STATE_FILE_TAG) == state_file]
 
 
 def end_if_running(client: Any, run: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import threading
 import time
 import weakref
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sbn_study.errors import UserError
 from sbn_study.protocol import TrialStatus
 from sbn_study.store.runs import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, end_if_running, open_client, trial_runs
 
@@ -67,6 +69,33 @@ class RecordHandle:
 
 _active: dict[RecordHandle, RunWriter] = {}
 _active_lock = threading.Lock()
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Appends `data` to `path`, or nothing: a write cut short (a full disk) is cut off again, so that the file
+    stays whole lines that a replay can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _replace_whole(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` in one step (temporary file, rename): never a file cut short."""
+    temporary = path.with_name(f"{path.name}.tmp")
+    try:
+        temporary.write_bytes(data)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _save_when_exiting(writer_ref: weakref.ref[RunWriter]) -> None:
@@ -154,11 +183,21 @@ class RunWriter:
             self._last_step[trial_id] = max(step, self._last_step.get(trial_id, -1))
             self._queue("metrics", self._runs[trial_id], arguments)
 
-    def log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
-        """Metrics of the parent run (a final training's summary), queued behind the trials' writes."""
-        arguments = {"metrics": dict(metrics), "step": 0, "timestamp": int(time.time() * 1000)}
+    def log_parent_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Metrics of the parent run (a final training's summary, a study's progress), queued behind the
+        trials' writes."""
+        arguments = {"metrics": dict(metrics), "step": step, "timestamp": int(time.time() * 1000)}
         with self._changed:
             self._queue("metrics", self.handle.parent_run_id, arguments)
+
+    def set_parent_tags(self, tags: Mapping[str, str]) -> None:
+        with self._changed:
+            self._queue("tags", self.handle.parent_run_id, {"tags": dict(tags)})
+
+    def set_experiment_tags(self, tags: Mapping[str, str]) -> None:
+        """Tags of the record's experiment (how MLflow's UI shows it), queued like the runs' writes."""
+        with self._changed:
+            self._queue("experiment_tags", self.handle.parent_run_id, {"tags": dict(tags)})
 
     def set_tags(self, trial_id: str, tags: Mapping[str, str]) -> None:
         with self._changed:
@@ -227,11 +266,46 @@ class RunWriter:
         if not unsent:
             return 0
         path = self.handle.unsent_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            for operation, run_id, arguments in unsent:
-                f.write(json.dumps({"operation": operation, "run_id": run_id, **arguments}) + "\n")
+        # `run_id` last: an opening cut short keeps the run it made in its arguments' own `run_id`, while
+        # later lines name the run by the stand-in (the replay finds the run again by its tags).
+        text = "".join(
+            json.dumps({**arguments, "operation": operation, "run_id": run_id}) + "\n"
+            for operation, run_id, arguments in unsent
+        )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _append_whole(path, text.encode())
+        except OSError as exc:
+            raise UserError(
+                f"--output: cannot save {len(unsent)} MLflow writes the store did not take to {path} "
+                f"({exc.strerror or exc}); they are lost: free space (or make it writable) and continue with "
+                "--resume, whose trials log again what their checkpoints hold"
+            ) from None
         return len(unsent)
+
+    def send_saved(self) -> int:
+        """Sends the writes of the record's unsent-writes file, in order, as the thread sends them, and removes
+        the file; returns how many. Only on a writer that has nothing queued.
+
+        Sending one again does no harm (a trial run opened again is found by its tags, a metric point sent
+        twice is stored once, tags and ends are set to the same values), so a replay cut short is simply run
+        again: what the store did not take stays in the file, its runs named by their ids where the replay
+        opened them, and the store's error is raised.
+        """
+        path = self.handle.unsent_path
+        if not path.exists():
+            return 0
+        writes = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for sent, write in enumerate(writes):
+            arguments = dict(write)
+            try:
+                self._send(arguments.pop("operation"), arguments.pop("run_id"), arguments)
+            except Exception:
+                left = [{**w, "run_id": self._stand_ins.get(w["run_id"], w["run_id"])} for w in writes[sent:]]
+                _replace_whole(path, "".join(json.dumps(w) + "\n" for w in left).encode())
+                raise
+        path.unlink()
+        return len(writes)
 
     @property
     def pending(self) -> int:
@@ -299,6 +373,9 @@ class RunWriter:
             )
         elif operation == "end":
             self.client.set_terminated(run_id, status=arguments["status"])
+        elif operation == "experiment_tags":
+            for key, value in arguments["tags"].items():
+                self.client.set_experiment_tag(self.handle.experiment_id, key, value)
         elif operation == "end_open_trial_runs":
             for run in trial_runs(self.client, self.handle.experiment_id, run_id):
                 end_if_running(self.client, run)

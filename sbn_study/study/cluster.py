@@ -5,23 +5,23 @@ Ray Client needs)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard, TypeVar
 
 from sbn_study.errors import UserError, one_line
-from sbn_study.store.uri import check_reachable, is_remote_store, redact_uri
+from sbn_study.store.uri import PASSWORD_ENV, USERNAME_ENV, check_reachable, is_remote_store, redact_uri
 
 T = TypeVar("T")
 
 # Tune's CSV/JSON/TensorBoard loggers would write every feature statistic of every result a second time; MLflow
-# is the record. Tune's warning about checkpointing every epoch (which we do on purpose, so a restarted trial
-# loses at most one epoch) would bury the live table.
-TUNE_ENV = {
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
+# is the record.
+TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+# Ray's switch between a node of a cluster and a Ray of this machine alone (off by default on macOS, Windows).
+CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,37 @@ def is_ray_client(address: str | None) -> TypeGuard[str]:
     return address is not None and address.startswith("ray://")
 
 
-def start_ray(target: ClusterTarget) -> bool:
-    """Starts a local Ray or joins a cluster; returns True when this process started Ray."""
+def import_ray(target: ClusterTarget) -> Any:
+    """Ray, imported for `target`. An embedded Ray serves this machine alone, yet on Linux Ray gives its node
+    the machine's routable address, and its GCS, raylet and workers then listen on every interface (whoever
+    reaches them can run code here). Told that it is no cluster, as on macOS and Windows, Ray takes 127.0.0.1
+    and listens there alone. It reads that when first imported, and its processes inherit it: so it is set
+    before Ray's first import, and only then (a process that imported Ray before keeps Ray's own choice)."""
+    if target.address is None and "ray" not in sys.modules:
+        os.environ[CLUSTER_ENV] = "0"
     import ray
 
+    return ray
+
+
+def start_ray(target: ClusterTarget) -> bool:
+    """Starts a local Ray or joins a cluster; returns True when this process started Ray."""
+    ray = import_ray(target)
     if ray.is_initialized():
         return False
+    # ray.init installs a SIGTERM handler that exits on the spot, in the middle of Tune (an abort, exit 134,
+    # with runs left open): a handler the caller installed (the CLI's, which stops as Ctrl-C does) is put back.
+    caller_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        return _start_ray(target)
+    finally:
+        if callable(caller_handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, caller_handler)
+
+
+def _start_ray(target: ClusterTarget) -> bool:
+    import ray
+
     common: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "WARNING"}
     if is_ray_client(target.address):
         # Tune's loop then runs in an actor on the head node: it gets Tune's settings only through the job's
@@ -47,6 +72,8 @@ def start_ray(target: ClusterTarget) -> bool:
         # lines of Ray, Tune and the trials that a local driver hides (log levels, no worker logs) stay hidden,
         # the head's own session process included.
         env = {key: os.environ.get(key, value) for key, value in TUNE_ENV.items()}
+        # The trials' MLflow writes are made there too, with the tracking server's credentials.
+        env.update((key, os.environ[key]) for key in (USERNAME_ENV, PASSWORD_ENV) if key in os.environ)
         common.update(
             log_to_driver=True,
             logging_level="ERROR",

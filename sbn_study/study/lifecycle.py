@@ -22,14 +22,24 @@ from typing import TYPE_CHECKING, Any
 from sbn_study.errors import UserError
 from sbn_study.spec import StudySpec
 from sbn_study.store.record import StudyRecord
-from sbn_study.store.runs import create_store, ensure_experiment
-from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri
+from sbn_study.store.runs import KIND_TAG, STATE_FILE_TAG, create_store, ensure_experiment, running_study_runs
+from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri, use_server_credentials
 from sbn_study.store.writer import RecordHandle
-from sbn_study.study import cluster
-from sbn_study.study.state import StudyState, prepare_output, state_path, unsent_path
+from sbn_study.study import cluster, stopping
+from sbn_study.study.state import (
+    NOT_TRIAL_DEFINING,
+    StudyState,
+    changed_keys,
+    hold_study,
+    prepare_output,
+    send_saved_writes,
+    state_path,
+    unsent_path,
+)
+from sbn_study.tune.checkpoints import local_path, pause_point, ready_tune_path
 
 if TYPE_CHECKING:  # the CLI imports this module: torch only once a study runs
-    from sbn_study.spec.config import DataConfig
+    from sbn_study.spec.config import TrialConfig
     from sbn_study.trial.data import ImageDataset
 
 
@@ -61,10 +71,13 @@ class StudyOutcome:
 
 
 def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutcome:
-    study = Study(spec, spec_text, options)
-    with study.ray_session():
-        tuner = study.prepare()
-        return study.finish(study.fit(tuner))
+    with hold_study(options.output, spec.name):
+        study = Study(spec, spec_text, options)
+        with study.ray_session():
+            tuner = study.prepare()
+            with stopping.stop_when_space_runs_out(study.disk()):
+                ended = study.fit(tuner)
+            return study.finish(ended)
 
 
 class Study:
@@ -72,11 +85,17 @@ class Study:
     earlier execution); each step then leaves what the next needs on the object: the record, the state."""
 
     def __init__(self, spec: StudySpec, spec_text: str, options: RunOptions) -> None:
-        self.spec = spec
         self.spec_text = spec_text
         self.options = options
         self.output = prepare_output(options.output)
-        self.uri = resolve_tracking_uri(options.tracking_uri, spec.tracking.uri, self.output)
+        uri = resolve_tracking_uri(options.tracking_uri, spec.tracking.uri, self.output)
+        self.uri = use_server_credentials(uri)
+        # Tune pickles the spec into its state (the trials' parameters, the callbacks), and no trial uses the
+        # tracking URI: that copy keeps no credentials.
+        secretless = spec.tracking.uri and redact_uri(spec.tracking.uri)
+        self.spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": secretless})})
+        # What defines the trials, for the state: a resume compares its own with it.
+        self.trials_spec = spec.model_dump(mode="json", exclude=set(NOT_TRIAL_DEFINING))
         self.state_file = state_path(self.output, spec.name)
         self.unsent_path = unsent_path(self.output, spec.name)
         self.previous = self._check_input()
@@ -89,27 +108,68 @@ class Study:
         if cluster.is_ray_client(self.options.address):
             cluster.check_ray_client(self.options.address, self.uri, self.spec.storage)
         check_reachable(self.uri)
+        if shortage := stopping.Disk(self._folders()).shortage():
+            raise UserError(f"{shortage}; free space first")
         state = StudyState.load(self.state_file)
         name, output = self.spec.name, self.output
-        if self.options.resume and (state is None or state.status == "finished"):
-            raise UserError(f"--resume: study '{name}' has no unfinished run in {output}")
-        if not self.options.resume and state is not None and state.status != "finished":
+        if state is not None and self.unsent_path.exists():
+            # Before anything else is written: the file is then one execution's, in its order.
+            sent = send_saved_writes(self.uri, state, self.unsent_path)
+            print(f"sbn-study: sent {sent} MLflow writes saved when the store did not take them")
+        unfinished = state is not None and state.status != "finished"
+        if not self.options.resume and unfinished:
             raise UserError(
                 f"study '{name}' has an unfinished run in {output} ({state.status}); "
                 "continue it with --resume, or give the study another name"
             )
-        return state if self.options.resume else None
+        if self.options.resume and unfinished:
+            self._check_same_study(state)
+        # Without an unfinished state there may still be an execution killed before it saved its state:
+        # `prepare` looks for its parent run once the store is open.
+        return state if self.options.resume and unfinished else None
+
+    def _check_same_study(self, state: StudyState) -> None:
+        """A resume continues the execution of `state` only with its store and what defines its trials: Tune and
+        the sampler go on from their saved state, and trials of another spec would mix with theirs unseen."""
+        name, uri = self.spec.name, redact_uri(self.uri)
+        if state.tracking_uri != uri:
+            raise UserError(
+                f"--resume: study '{name}' is recorded in {state.tracking_uri}, not in {uri}: resume it with "
+                f"--tracking-uri {state.tracking_uri}"
+            )
+        started = state.spec if state.spec is not None else _resolved_spec(self.uri, state.parent_run_id)
+        if started is not None and (keys := changed_keys(started, self.trials_spec)):
+            raise UserError(
+                f"--resume: the spec differs from the one study '{name}' started with in {', '.join(keys)}; "
+                "resume with the same spec and --set overrides, or run the new one as another study (its own "
+                "name), search.num_samples included"
+            )
+
+    def _folders(self) -> tuple[Path, ...]:
+        """Where the study writes on this machine before Tune does: the output folder and a local store."""
+        if self.uri.startswith("sqlite:///"):
+            return self.output, Path(self.uri.removeprefix("sqlite:///")).parent
+        return (self.output,)
+
+    def disk(self) -> stopping.Disk:
+        """Where the prepared study writes on this machine, and the room its trials' checkpoints take there."""
+        assert self.state is not None
+        experiment = local_path(self.state.tune_path)
+        folders = self._folders() + ((experiment,) if experiment else ())
+        # A trial replaces its checkpoint through a temporary copy: two files of each trial that runs.
+        return stopping.Disk(folders, experiment, copies=2 * self.spec.search.max_concurrent)
 
     @contextlib.contextmanager
     def ray_session(self) -> Iterator[None]:
         """Ray for the study's steps; shut down after them if this started it."""
-        import ray  # before the store's thread starts: MLflow and Ray import modules in common (protobuf)
+        # Before the store's thread starts: MLflow and Ray import modules in common (protobuf).
+        ray = cluster.import_ray(self.options.cluster)
 
         if self.options.address is None:
             # The store and the dataset are made ready while the embedded Ray starts. A cluster may still
             # refuse a local store, so there they wait for the cluster check.
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbn-prepare")
-            self._preparing = pool.submit(_open_store_and_load, self.uri, self.spec.data)
+            self._preparing = pool.submit(_open_store_and_load, self.uri, self.spec)
             pool.shutdown(wait=False)
         started = cluster.start_ray(self.options.cluster)
         try:
@@ -128,35 +188,71 @@ class Study:
         if cluster.is_ray_client(self.options.address):
             cluster.check_reachable_from_head(self.uri)
         preparing = self._preparing
-        dataset = preparing.result() if preparing else _open_store_and_load(self.uri, self.spec.data)
+        dataset = preparing.result() if preparing else _open_store_and_load(self.uri, self.spec)
+        previous = self.previous or self._killed_before_its_state()
         # Only now, with every check passed: a refused study leaves no experiment behind.
         experiment_id = ensure_experiment(self.uri, self.spec.name, self.output / "artifacts")
-        if self.previous is None:
+        if previous is None:
             self._start(experiment_id)
-        elif self._resume(self.previous):
+        elif self._resume(previous):
             from ray import tune
 
             trainable = self._trainable(dataset)
             return tune.Tuner.restore(
-                self.previous.tune_path, trainable, resume_unfinished=True, resume_errored=True
+                previous.tune_path, trainable, resume_unfinished=True, resume_errored=True
             )
         return self._new_tuner(dataset)
 
-    def _start(self, experiment_id: str) -> None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = self.spec.name
-        tags = {"sbn.study": name, "sbn.kind": "study"}
-        self.record = StudyRecord.start(self.uri, experiment_id, f"{name}-{stamp}", tags, self.unsent_path)
-        self.record.log_artifacts(study_artifacts(self.spec, self.spec_text))
+    def _killed_before_its_state(self) -> StudyState | None:
+        """The execution whose driver died after it opened its parent run and before it saved its state file,
+        found by the parent run's tags: `--resume` continues it, a new execution is refused. With `--resume`
+        and nothing to continue, a study of which nothing was recorded starts (a driver killed before its
+        parent run leaves nothing to continue), one that finished is refused."""
+        name, output = self.spec.name, self.output
+        runs = running_study_runs(self.uri, name, str(self.state_file))
+        if runs and not self.options.resume:
+            raise UserError(
+                f"study '{name}' has an unfinished run in {output} (stopped before its state was saved); "
+                "continue it with --resume, or give the study another name"
+            )
+        if not runs:
+            if self.options.resume and StudyState.load(self.state_file) is not None:
+                raise UserError(f"--resume: study '{name}' has no unfinished run in {output}")
+            if self.options.resume:
+                print(f"sbn-study: nothing of study '{name}' was recorded in {output} yet; it starts now")
+            return None
+        run = runs[0].info
+        # Its driver died before Tune started: nothing ran yet under the spec it was started with.
+        return StudyState(
+            status="interrupted",
+            parent_run_id=run.run_id,
+            experiment_id=run.experiment_id,
+            tune_path=self._tune_path(run.run_name),
+            tracking_uri=redact_uri(self.uri),
+            spec=self.trials_spec,
+        )
+
+    def _tune_path(self, run_name: str) -> str:
+        """Tune's experiment folder of the execution whose parent run is `run_name` (<name>-<timestamp>)."""
         storage = self.spec.storage or str(self.output / "ray")
+        return f"{storage.rstrip('/')}/{run_name}"
+
+    def _start(self, experiment_id: str) -> None:
+        run_name = f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tags = {"sbn.study": self.spec.name, KIND_TAG: "study", STATE_FILE_TAG: str(self.state_file)}
+        self.record = StudyRecord.start(self.uri, experiment_id, run_name, tags, self.unsent_path)
+        pause_point("parent-run-open")
         self.state = StudyState(
             status="running",
             parent_run_id=self.record.handle.parent_run_id,
             experiment_id=experiment_id,
-            tune_path=f"{storage.rstrip('/')}/{name}-{stamp}",
+            tune_path=self._tune_path(run_name),
             tracking_uri=redact_uri(self.uri),
+            spec=self.trials_spec,
         )
         self.state.save(self.state_file)
+        self.record.log_artifacts(study_artifacts(self.spec, self.spec_text))
+        cluster.where_tune_runs(ready_tune_path, self.state.tune_path)
 
     def _resume(self, state: StudyState) -> bool:
         """Reopens the record of `state`; True when Tune saved a state to restore."""
@@ -165,7 +261,9 @@ class Study:
         self.state = state
         state.status = "running"
         state.save(self.state_file)
-        saved = cluster.where_tune_runs(_saved_trial_ids, state.tune_path)
+        # Again: a driver killed before it logged them left the parent run without them.
+        self.record.log_artifacts(study_artifacts(self.spec, self.spec_text))
+        saved = cluster.where_tune_runs(ready_tune_path, state.tune_path)
         # Tune and the sampler resume from their saved state, which does not know the trials a killed driver
         # started after it, and sample replacements: those trials' runs would stay beside them.
         if dropped := self.record.drop_trials_except(saved or set()):
@@ -179,8 +277,10 @@ class Study:
 
         from sbn_study.tune.trainable import run_trial
 
+        assert self.state is not None
+        tune_path = self.state.tune_path
         return tune.with_resources(
-            tune.with_parameters(run_trial, spec=self.spec, dataset=dataset),
+            tune.with_parameters(run_trial, spec=self.spec, dataset=dataset, tune_path=tune_path),
             {"cpu": self.spec.resources.cpu, "gpu": self.spec.resources.gpu},
         )
 
@@ -212,7 +312,7 @@ class Study:
                 storage_path=storage,
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # No Tune checkpoints: each trial keeps its own file (tune.checkpoints says why).
                 verbose=0,
             ),
         )
@@ -223,6 +323,7 @@ class Study:
         results = None
         with contextlib.suppress(KeyboardInterrupt):
             results = tuner.fit()
+        pause_point("study-trained")
         # Tune's own view decides whether the study ended, so that an unreachable tracking server cannot.
         return (
             results is not None
@@ -246,6 +347,13 @@ class Study:
         state.unsent_writes = self.record.unsent_writes()
         state.unsent_path = str(self.unsent_path)
         state.save(self.state_file)
+        # Only for trials read back (a store still away would fail again), once the state is saved: a Ctrl-C
+        # while the figures are drawn loses only them.
+        if trial_statuses:
+            from sbn_study.study.overview import publish_overview
+
+            if problem := publish_overview(self.record, self.spec, self.uri):
+                print(f"sbn-study: the study's description and figures are not in MLflow ({problem})")
         return StudyOutcome(
             name=self.spec.name,
             status=state.status,
@@ -271,22 +379,30 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study created and per trial sampled
 
 
-def _open_store_and_load(uri: str, data: DataConfig) -> ImageDataset:
+def _open_store_and_load(uri: str, config: TrialConfig) -> ImageDataset:
     """The tracking store opened (MLflow's import and a fresh sqlite store's migrations: ≈ 2.5 s) and the
-    dataset loaded: what the driver needs besides Ray. Raises UserError for a dataset that cannot be had."""
-    from sbn_study.trial.data import load_dataset
+    dataset loaded (a multi-domain one whole): what the driver needs besides Ray. Raises UserError for a
+    dataset that cannot be had, or a model every trial would fail to build (`load_study_data`)."""
+    from sbn_study.trial.domain_train import load_study_data
 
     create_store(uri)
-    return load_dataset(data)
+    return load_study_data(config)
 
 
-def _saved_trial_ids(tune_path: str) -> set[str] | None:
-    """The trials in Tune's saved experiment state, or None when Tune saved none (killed before its first)."""
-    from ray import tune
+def _resolved_spec(uri: str, parent_run_id: str) -> dict[str, Any] | None:
+    """The resolved spec an execution logged when it started (`resolved.yaml`); None when it did not get to."""
+    import tempfile
 
-    if not tune.Tuner.can_restore(tune_path):
-        return None
-    return {trial.trial_id for trial in tune.ExperimentAnalysis(tune_path).trials}
+    import yaml
+
+    from sbn_study.store.runs import open_client
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = open_client(uri).download_artifacts(parent_run_id, "resolved.yaml", folder)
+        except Exception:  # MLflow raises its own errors (and OSError) for an artifact that is not there
+            return None
+        return yaml.safe_load(Path(path).read_text())
 
 
 def study_artifacts(spec: StudySpec, spec_text: str) -> dict[str, str]:

@@ -7,13 +7,15 @@ pydantic, Ray or MLflow at import: `validate` uses it too, and must answer befor
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from sbn_study.store.ui import DEFAULT_UI_URL, runs_link, served_ui
 from sbn_study.store.uri import redact_uri
 
 if TYPE_CHECKING:
@@ -30,6 +32,14 @@ class RunCommand:
     output: str | None = None  # None: left at its default, which a resume finds by itself
     tracking_uri: str | None = None
     address: str | None = None
+
+
+def short_value(value: Any) -> str:
+    """A parameter value in a table or a name: floats to 3 significant digits; "-" for a conditional
+    parameter that a trial did not sample (NaN in a trials table)."""
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3g}"
+    return str(value)
 
 
 def _plural(n: int, word: str) -> str:
@@ -80,7 +90,25 @@ def render_outcome(outcome: StudyOutcome) -> str:
     lines.append(
         f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.name}'), Tune state {outcome.tune_path}"
     )
-    lines.append(f"browse:  sbn-study ui --tracking-uri {_single_quoted(outcome.tracking_uri)}")
+    lines += browse_lines(outcome.tracking_uri, outcome.experiment_id)
+    return "\n".join(lines)
+
+
+def browse_lines(tracking_uri: str, experiment_id: str) -> list[str]:
+    """Where to see the study's runs: on its tracking server, or through `sbn-study ui` (on its default port)."""
+    if served := served_ui(tracking_uri):
+        return [f"runs:    {runs_link(served, experiment_id)}"]
+    return [
+        f"browse:  sbn-study ui --tracking-uri {_single_quoted(tracking_uri)}",
+        f"runs:    {runs_link(DEFAULT_UI_URL, experiment_id)}",
+    ]
+
+
+def render_ui(tracking_uri: str, ui_url: str, links: list[tuple[str, str, str]]) -> str:
+    """What `sbn-study ui` prints: where it serves which store, and each study's runs and charts there."""
+    lines = [f"MLflow UI for {redact_uri(tracking_uri)} at {ui_url} (Ctrl-C to stop)"]
+    for name, runs, charts in links:
+        lines += [f"  {name}", f"    runs:   {runs}", f"    charts: {charts}"]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ Layouts accepted under `root` (`<image>`: .jpg, .jpeg, .png or .bmp; hidden file
   classes Office-31 and Caltech-256 share, under one name in every domain (rename Caltech-256's numbered
   folders such as `003.backpack` to the Office name `back_pack`).
 - `domains`: `<root>/<domain>/<class>/<image>`, every folder under `root` a domain (at least 2).
+- `synthetic_domains`: rendered in memory, no files.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from filelock import FileLock
 from PIL import Image, ImageOps
 
 from sbn_study.errors import UserError, one_line
+from sbn_study.spec.config import DOMAINS, SyntheticDomainsConfig
 from sbn_study.trial.data import (
     _CLASS_COLOUR,
     _GREY_LEVELS_PER_UNIT,
@@ -71,15 +73,6 @@ class DomainDataset:
 
 
 @dataclass(frozen=True)
-class SyntheticDomainsConfig:
-    """The embedded multi-domain set: `synthetic_splits`' kind of classes in the styles of `SYNTHETIC_STYLES`."""
-
-    num_classes: int = 7
-    images_per_domain: int = 768
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class DomainLayout:
     title: str
     folders: tuple[str, ...]  # candidate dataset folders under the root, tried in order; "" is the root
@@ -96,14 +89,14 @@ class DomainLayout:
 
 
 LAYOUTS: Mapping[str, DomainLayout] = {
-    "pacs": DomainLayout("PACS", ("PACS", "PACS/kfold"), ("art_painting", "cartoon", "photo", "sketch"), 7),
-    "office31": DomainLayout("Office-31", ("office31",), ("amazon", "dslr", "webcam"), 31, "images"),
+    "pacs": DomainLayout("PACS", ("PACS", "PACS/kfold"), DOMAINS["pacs"], 7),
+    "office31": DomainLayout("Office-31", ("office31",), DOMAINS["office31"], 31, "images"),
     "office_caltech_10": DomainLayout(
-        "Office-Caltech-10", ("office_caltech_10",), ("amazon", "caltech", "dslr", "webcam"), 10
+        "Office-Caltech-10", ("office_caltech_10",), DOMAINS["office_caltech_10"], 10
     ),
-    "domains": DomainLayout("domain folders", ("",), (), None),
+    "domains": DomainLayout("domain folders", ("",), DOMAINS["domains"], None),
 }
-DATASET_NAMES = (*LAYOUTS, "synthetic")
+DATASET_NAMES = tuple(DOMAINS)
 
 
 def load_domains(
@@ -113,10 +106,10 @@ def load_domains(
     synthetic: SyntheticDomainsConfig | None = None,
 ) -> DomainDataset:
     """Every domain of `name` (one of `DATASET_NAMES`) at `resolution`×`resolution` pixels; `root` (`~`
-    expanded) is ignored for `synthetic`, configured by `synthetic` (default `SyntheticDomainsConfig()`)."""
+    expanded) is ignored for `synthetic_domains`, configured by `synthetic` (default `SyntheticDomainsConfig()`)."""
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    if name == "synthetic":
+    if name == "synthetic_domains":
         return synthetic_domains(synthetic or SyntheticDomainsConfig(), resolution)
     root = Path(root).expanduser()
     classes, files = _scan(_layout(name), root)
@@ -132,7 +125,7 @@ def load_domains(
 def num_domain_classes(name: str, root: str | Path, synthetic: SyntheticDomainsConfig | None = None) -> int:
     """The number of classes of `load_domains(name, root, ...)` without decoding an image (models are built
     before data arrives); only the generic `domains` layout needs to list its folders for it."""
-    if name == "synthetic":
+    if name == "synthetic_domains":
         return (synthetic or SyntheticDomainsConfig()).num_classes
     layout = _layout(name)
     return layout.num_classes or len(_scan(layout, Path(root).expanduser())[0])
@@ -349,7 +342,7 @@ def synthetic_domains(cfg: SyntheticDomainsConfig, resolution: int = IMAGE_SHAPE
         images = units.mul_(_GREY_LEVELS_PER_UNIT).add_(128.0).round_().clamp_(0, 255).to(torch.uint8)
         splits[name] = Split(images=images, labels=split.labels)
     classes = tuple(f"class_{k}" for k in range(cfg.num_classes))
-    return DomainDataset(name="synthetic", classes=classes, domains=splits, resolution=resolution)
+    return DomainDataset(name="synthetic_domains", classes=classes, domains=splits, resolution=resolution)
 
 
 def _colour_matrix(style: DomainStyle) -> torch.Tensor:
@@ -399,7 +392,8 @@ def leave_one_domain_out(
     dataset: DomainDataset, target: str, val_fraction: float = 0.1, seed: int = 0
 ) -> DomainSplit:
     """Train on every domain but `target`, holding out `val_fraction` of each source (a seeded random
-    subset, the same fraction per source so every source is validated), and test on all of `target`."""
+    subset, the same fraction per source so every source is validated), and test on all of `target`, in a
+    seeded random order."""
     if target not in dataset.domains:
         raise UserError(
             f"data.target: {target!r} is not a domain of {dataset.name}: {', '.join(dataset.domains)}"
@@ -421,7 +415,9 @@ def leave_one_domain_out(
         num_classes=dataset.num_classes,
         train=train,
         val=val,
-        test=dataset.domains[target],
+        # Image files come in class order: shuffled, a test batch is a sample of the domain rather than of a
+        # few of its classes, and batch statistics (AdaBN's, BNE's per-batch placement) measure the domain.
+        test=_shuffled(dataset.domains[target], _seed_of(seed, target, "order")),
         mean=mean,
         std=std,
     )
@@ -432,6 +428,11 @@ def leave_one_domain_out(
         train_domains=_domain_index(trains),
         val_domains=_domain_index(vals),
     )
+
+
+def _shuffled(split: Split, seed: int) -> Split:
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return Split(images=split.images[order], labels=split.labels[order])
 
 
 def _concat(splits: list[Split]) -> Split:

@@ -1,8 +1,12 @@
 """Which normalization goes where: the norm registry and the paper's stage placement, timm-style.
 
 A model asks `norm_layer(num_features, stage)` at every normalization site (stage 0 is the stem, stages count
-from 1) and never learns which module it got. `NormPlacement` answers with the configured kind at the placed
-stages and with a plain `nn.BatchNorm2d` (PyTorch defaults) everywhere else.
+from 1) and never learns which module it got; where the norm is followed by the activation it asks
+`norm_layer.norm_act(num_features, stage)` for the pair (norm, activation) instead, as timm's norm-act layers
+do: every kind answers (its norm, ReLU) there, except `proxynorm`, whose activation step is its own.
+`NormPlacement` answers with the configured kind at the placed stages and with a plain `nn.BatchNorm2d`
+(PyTorch defaults) everywhere else, and `NormPlacement.bind(model)` hands the built model to the kinds that
+need it (CBN: the conv before each of its layers; MBN: the model's extra forward).
 
 The `NormConfig` hyperparameters (eps, momentum, affine, ...) apply only to the layer a kind *places*:
 - `bn`: the BatchNorm itself;
@@ -15,9 +19,17 @@ The `NormConfig` hyperparameters (eps, momentum, affine, ...) apply only to the 
 - `scale`: the BatchNorm (eps, momentum, affine), times the fixed gain `fft_norm` implies at the site;
 - `bnscale`: the BatchNorm (eps, momentum), its γ starting at that gain; `affine: false` is an error;
 - `sbn_nospike`, `spike`, `sbn_center`, `sbn_var`: as `sbn`, with that SBN ablation in the SBN's place;
-- `sbn_noaffine`: as `sbn` with the SBN's affine off, whatever `affine` says.
+- `sbn_noaffine`: as `sbn` with the SBN's affine off, whatever `affine` says;
+- `cbn`: Cross-Iteration BN (eps, momentum, affine, cbn_window, cbn_burnin), `sbn_study.trial.cbn`;
+- `mbn`: Memorized BN (eps, affine, mbn_window, mbn_double_forward), `sbn_study.trial.mbn`;
+- `proxynorm`: GN (or LN, `proxynorm_base`) then PN-Act at norm-act sites, `sbn_study.trial.proxynorm`; at a
+  site without activation (before a residual addition, on a shortcut) the GN/LN with its affine (eps, affine,
+  groups);
+- `package.module:Factory`: the user's own layer, `Factory(channels, stage=, spatial=, **norm.options)`,
+  spatial being the site's (H, W) where the model is built for a known input size (`measure`), else None.
 The ablations are `sbn_study.trial.sbn_ablations`.
-For `gn` and `bgn`, `groups` is clamped to the largest divisor of the site's width that does not exceed it.
+For `gn`, `bgn` and `proxynorm`, `groups` is clamped to the largest divisor of the site's width that does not
+exceed it.
 """
 
 from __future__ import annotations
@@ -25,14 +37,24 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sbn_study.errors import UserError
-from sbn_study.spec.catalog import NORM_KINDS, parse_placement
+from sbn_study.spec.catalog import (
+    NORM_KINDS,
+    custom_norm_factory,
+    is_custom_norm,
+    parse_placement,
+)
 from sbn_study.spec.config import NormConfig
+from sbn_study.trial.bne import DomainBatchNorm2d
+from sbn_study.trial.cbn import CrossIterationBatchNorm2d, link_preceding_convs
+from sbn_study.trial.mbn import MemorizedBatchNorm2d, install_double_forward
+from sbn_study.trial.proxynorm import ProxyNormAct2d
 from sbn_study.trial.sbn import SpectralBatchNorm2d
 from sbn_study.trial.sbn_ablations import (
     FixedScaleBatchNorm2d,
@@ -44,6 +66,7 @@ from sbn_study.trial.sbn_ablations import (
 )
 
 NormFactory = Callable[[int, NormConfig], nn.Module]
+NormActFactory = Callable[[int, NormConfig], tuple[nn.Module, nn.Module]]
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -195,6 +218,34 @@ def _sbn_noaffine(num_features: int, cfg: NormConfig) -> nn.Module:
     return _sbn(num_features, cfg.model_copy(update={"affine": False}))
 
 
+def _cbn(num_features: int, cfg: NormConfig) -> nn.Module:
+    return CrossIterationBatchNorm2d(
+        num_features, cfg.cbn_window, cfg.cbn_burnin, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine
+    )
+
+
+def _mbn(num_features: int, cfg: NormConfig) -> nn.Module:
+    return MemorizedBatchNorm2d(
+        num_features, cfg.mbn_window, eps=cfg.eps, affine=cfg.affine, double_forward=cfg.mbn_double_forward
+    )
+
+
+def _proxynorm_base(num_features: int, cfg: NormConfig, affine: bool) -> nn.GroupNorm:
+    # LN of a conv net normalizes each sample over channels and positions: GN with one group.
+    groups = 1 if cfg.proxynorm_base == "ln" else _largest_divisor_at_most(num_features, cfg.groups)
+    return nn.GroupNorm(groups, num_features, eps=cfg.eps, affine=affine)
+
+
+def _proxynorm(num_features: int, cfg: NormConfig) -> nn.Module:
+    return _proxynorm_base(num_features, cfg, cfg.affine)
+
+
+def _proxynorm_act(num_features: int, cfg: NormConfig) -> tuple[nn.Module, nn.Module]:
+    # The affine transform moves into PN-Act, which needs γ and β to build its proxy.
+    act = ProxyNormAct2d(num_features, eps=cfg.eps, affine=cfg.affine)
+    return _proxynorm_base(num_features, cfg, affine=False), act
+
+
 _REGISTRY: dict[str, NormFactory] = {
     "bn": _bn,
     "sbn": _sbn,
@@ -210,7 +261,12 @@ _REGISTRY: dict[str, NormFactory] = {
     "sbn_center": partial(_sbn, layer=SpectralCenterOnly2d),
     "sbn_var": partial(_sbn, layer=SpectralDivideOnly2d),
     "sbn_noaffine": _sbn_noaffine,
+    "cbn": _cbn,
+    "mbn": _mbn,
+    "proxynorm": _proxynorm,
 }
+# The kinds whose norm-act sites are not (their norm, ReLU).
+_NORM_ACT: dict[str, NormActFactory] = {"proxynorm": _proxynorm_act}
 
 # The leaf modules that normalize: feature statistics hook them, weight decay may skip their parameters.
 NORM_MODULE_TYPES: tuple[type[nn.Module], ...] = (
@@ -218,6 +274,10 @@ NORM_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     SpectralBatchNorm2d,
     nn.GroupNorm,
     BatchGroupNorm2d,
+    CrossIterationBatchNorm2d,
+    MemorizedBatchNorm2d,
+    ProxyNormAct2d,
+    DomainBatchNorm2d,
 )
 
 
@@ -229,6 +289,13 @@ def get_norm_layer(kind: str) -> NormFactory:
         raise UserError(f"norm.kind: unknown norm {kind!r}; known: {', '.join(NORM_KINDS)}") from None
 
 
+def _custom_factory(kind: str, options: dict[str, Any]) -> Callable[..., Any]:
+    try:
+        return custom_norm_factory(kind, options)
+    except UserError as exc:
+        raise UserError(f"norm.kind: {exc}") from None
+
+
 class NormPlacement:
     """The `norm_layer(num_features, stage)` a model receives: `cfg.kind` at the placed stages, plain BN
     elsewhere. Constructing it validates both the kind and the placement, before any layer is built.
@@ -237,17 +304,70 @@ class NormPlacement:
     def __init__(self, cfg: NormConfig, arch: str, num_stages: int) -> None:
         self.cfg = cfg
         self.num_stages = num_stages
-        self.factory = get_norm_layer(cfg.kind)
+        self.custom = _custom_factory(cfg.kind, cfg.options) if is_custom_norm(cfg.kind) else None
+        self.factory = None if self.custom else get_norm_layer(cfg.kind)
         self.stages = parse_placement(cfg.placement, num_stages, arch)
+        # The (H, W) of every site a custom kind is placed at, in the order the model asks for them, once
+        # `measure` has seen them.
+        self.sizes: list[tuple[int, ...] | None] = []
+        self._asked = 0
+        self._stand_ins: list[nn.Module] | None = None
 
-    def __call__(self, num_features: int, stage: int) -> nn.Module:
+    def measure(self, build: Callable[[NormPlacement], nn.Module], input_size: tuple[int, int]) -> None:
+        """Learns the map size at each placed site: `build(self)` with a plain BN at each, on PyTorch's meta
+        device (no memory, no compute), and one `input_size` image through it."""
+        self._stand_ins = []
+        try:
+            with torch.device("meta"):
+                model = build(self)
+        finally:
+            stand_ins, self._stand_ins = self._stand_ins, None
+        sizes: dict[int, tuple[int, ...]] = {}
+        for index, stand_in in enumerate(stand_ins):
+            stand_in.register_forward_pre_hook(
+                lambda _, args, index=index: sizes.__setitem__(index, tuple(args[0].shape[2:]))
+            )
+        model.eval()(torch.empty(1, 3, *input_size, device="meta"))
+        self.sizes = [sizes.get(index) for index in range(len(stand_ins))]
+
+    def _placed(self, stage: int) -> bool:
         if not 0 <= stage <= self.num_stages:
             raise ValueError(
                 f"stage {stage} outside 0-{self.num_stages}: the model disagrees with its catalog entry"
             )
-        if stage in self.stages:
+        return stage in self.stages
+
+    def _build(self, num_features: int, stage: int) -> nn.Module:
+        if self.factory is not None:
             return self.factory(num_features, self.cfg)
-        return nn.BatchNorm2d(num_features)
+        if self._stand_ins is not None:
+            self._stand_ins.append(nn.BatchNorm2d(num_features))
+            return self._stand_ins[-1]
+        assert self.custom is not None
+        spatial = self.sizes[self._asked] if self._asked < len(self.sizes) else None
+        self._asked += 1
+        layer = self.custom(num_features, stage=stage, spatial=spatial, **self.cfg.options)
+        if not isinstance(layer, nn.Module):
+            raise UserError(
+                f"norm.kind: {self.cfg.kind} returned an object of type {type(layer).__name__}, "
+                "not a torch.nn.Module"
+            )
+        return layer
+
+    def __call__(self, num_features: int, stage: int) -> nn.Module:
+        return self._build(num_features, stage) if self._placed(stage) else nn.BatchNorm2d(num_features)
+
+    def norm_act(self, num_features: int, stage: int) -> tuple[nn.Module, nn.Module]:
+        """(norm, activation) for a site whose norm the activation follows."""
+        if self._placed(stage) and self.cfg.kind in _NORM_ACT:
+            return _NORM_ACT[self.cfg.kind](num_features, self.cfg)
+        return self(num_features, stage), nn.ReLU()
+
+    def bind(self, model: nn.Module) -> nn.Module:
+        """Hands the built `model` to the layers that need more than their input; returns `model`."""
+        link_preceding_convs(model)
+        install_double_forward(model)
+        return model
 
 
 def norm_sites(model: nn.Module) -> list[str]:

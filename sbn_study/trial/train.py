@@ -135,7 +135,8 @@ def train(
     torch.manual_seed(tc.seed)
     dataset = dataset if dataset is not None else load_dataset(config.data)
 
-    model = create_model_from_config(config.model, config.norm, dataset.num_classes).to(device)
+    input_size = (dataset.train.images.shape[-2], dataset.train.images.shape[-1])
+    model = create_model_from_config(config.model, config.norm, dataset.num_classes, input_size).to(device)
     memory_format = torch.channels_last if tc.channels_last and on_cuda else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, config)

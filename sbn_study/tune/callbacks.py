@@ -12,19 +12,35 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from sbn_study.protocol import INITIAL_FEATURES_KEY, REPLAY_KEY, TrialStatus, ended_status, result_metrics
+from sbn_study.protocol import (
+    INITIAL_FEATURES_KEY,
+    RANKED_STATUSES,
+    REPLAY_KEY,
+    TrialStatus,
+    ended_status,
+    result_metrics,
+)
 from sbn_study.spec import StudySpec
+from sbn_study.spec.catalog import arm_label
 from sbn_study.spec.config import flatten
+from sbn_study.store.ui import NOTE_TAG, TRIALS_FINISHED, best_so_far, experiment_tags, trials_with_status
 from sbn_study.store.writer import RecordHandle, RunWriter
+from sbn_study.study.overview import study_note
+from sbn_study.study.render import short_value
 
 # How long the end of a trial may hold Tune's loop for its writes to reach a store that answers.
 FINISH_WAIT_S = 30.0
 # How long the end of the experiment waits for the store to take what is queued before saving it to a file.
 END_WAIT_S = 30.0
+# How a trial can end, in the order the parent run's counts are listed.
+ENDED_STATUSES = (TrialStatus.COMPLETED, TrialStatus.STOPPED_EARLY, TrialStatus.DIVERGED, TrialStatus.ERROR)
+# MLflow's database column for run names is this wide.
+RUN_NAME_MAX_CHARS = 250
 
 
 class TrackingCallback(Callback):
-    """Opens (or, after a resume, finds again) one nested MLflow run per trial and logs each result in one batch."""
+    """Opens (or, after a resume, finds again) one nested MLflow run per trial and logs each result in one
+    batch; describes the study on its parent run and logs its progress there each time a trial ends."""
 
     def __init__(self, spec: StudySpec, record: RecordHandle) -> None:
         self.spec = spec
@@ -34,9 +50,11 @@ class TrackingCallback(Callback):
         # Last epoch recorded per trial: a trial restarted from its checkpoint may repeat epochs that were
         # already logged before the restart, and MLflow would keep both copies of each.
         self._last_step: dict[str, int] = {}
+        # How the trials this process saw end ended: Tune marks a trial terminated only once its actor stopped.
+        self._ended: dict[str, TrialStatus] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_writer": None, "_node_tagged": set(), "_last_step": {}}
+        return {**self.__dict__, "_writer": None, "_node_tagged": set(), "_last_step": {}, "_ended": {}}
 
     def setup(
         self,
@@ -46,6 +64,8 @@ class TrackingCallback(Callback):
         **info: Any,
     ) -> None:
         self._writer = self.record.writer()
+        self._writer.set_experiment_tags(experiment_tags(self.spec))
+        self._writer.set_parent_tags({NOTE_TAG: study_note(self.spec, self.record.uri)})
 
     @property
     def writer(self) -> RunWriter:
@@ -62,7 +82,7 @@ class TrackingCallback(Callback):
         searched = ",".join(sorted(trial.config))
         self.writer.trial_run(
             trial.trial_id,
-            run_name=f"{self.spec.name}-{trial.trial_id}",
+            run_name=run_name(trial, config["norm"], self.spec.search.num_samples),
             params=flatten(config),
             config_yaml=yaml.safe_dump(config, sort_keys=False),
             tags={"sbn.study": self.spec.name, "sbn.searched": searched},
@@ -99,17 +119,38 @@ class TrackingCallback(Callback):
         self.writer.log_metrics(trial_id, metrics, step=step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial.trial_id, ended_status(trial.last_result, self.spec.max_budget))
+        self._finish(trials, trial, ended_status(trial.last_result, self.spec.max_budget))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial.trial_id, TrialStatus.ERROR)
+        self._finish(trials, trial, TrialStatus.ERROR)
 
-    def _finish(self, trial_id: str, status: TrialStatus) -> None:
+    def _finish(self, trials: list, trial: Any, status: TrialStatus) -> None:
+        trial_id = trial.trial_id
         self.writer.finish_trial(trial_id, status)
+        self._ended[trial_id] = status
+        self._log_progress({t.trial_id: t for t in [*trials, trial]})
         # A trial that ended is never run again: its writes must be in the store before Tune's saved state
         # says it ended, or a driver killed in between would leave its run open with its last epochs missing.
         # Once per trial, a few ms on a reachable store; none while the store is known to be away.
         self.writer.flush(deadline_s=FINISH_WAIT_S, retry_away=False)
+
+    def _log_progress(self, trials: dict[str, Any]) -> None:
+        """The study's progress on its parent run at step = trials finished: how many ended each way and the
+        best value of its metric among them (each trial's best epoch, as `export` ranks them), so that the
+        parent's charts show the study advancing. Trials restored by a resume count by Tune's state."""
+        budget, metric, mode = self.spec.max_budget, self.spec.search.metrics[0], self.spec.search.modes[0]
+        ended = {i: trial_state(t, budget) for i, t in trials.items() if i not in self._ended} | self._ended
+        ended = {i: state for i, state in ended.items() if state in ENDED_STATUSES}
+        metrics = {trials_with_status(s): sum(state == s for state in ended.values()) for s in ENDED_STATUSES}
+        metrics[TRIALS_FINISHED] = len(ended)
+        bests = [
+            trial.metric_analysis[metric][mode]
+            for i, trial in trials.items()
+            if ended.get(i) in RANKED_STATUSES and metric in trial.metric_analysis
+        ]
+        if bests:
+            metrics[best_so_far(metric)] = max(bests) if mode == "max" else min(bests)
+        self.writer.log_parent_metrics(metrics, step=len(ended))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.writer.flush(deadline_s=END_WAIT_S)
@@ -157,11 +198,11 @@ class ProgressTable(Callback):
         counts: dict[str, int] = {}
         rows = []
         for trial in trials:
-            state = self.state_of(trial)
+            state = trial_state(trial, self.max_budget)
             counts[state] = counts.get(state, 0) + 1
             epoch = int(trial.last_result.get("epoch", 0)) if trial.last_result else 0
             best = self._best.get(trial.trial_id)
-            params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted(trial.config.items()))
+            params = sampled_values(trial.config)
             rows.append(
                 f"  {trial.trial_id:<14} {state:<13} {epoch:>3}/{self.max_budget:<3} "
                 f"{'-' if best is None else f'{best:.4f}':>8}  {params}"
@@ -171,11 +212,26 @@ class ProgressTable(Callback):
         print(f"[{time.strftime('%H:%M:%S')}] {len(trials)} trials: {summary}\n{header}", file=stream)
         print("\n".join(rows), file=stream, flush=True)
 
-    def state_of(self, trial: Any) -> str:
-        if trial.status == "TERMINATED" and trial.last_result:
-            return str(ended_status(trial.last_result, self.max_budget))
-        return trial.status.lower()
+
+def trial_state(trial: Any, max_budget: int) -> str:
+    """A Tune trial's state in the study's words: how it ended (a `TrialStatus`), else Tune's status."""
+    if trial.status == "TERMINATED" and trial.last_result:
+        return str(ended_status(trial.last_result, max_budget))
+    return trial.status.lower()
 
 
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+def sampled_values(config: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """What the sampler chose for a trial, short: `lr=0.0512 placement=23` (the last part of each key)."""
+    return " ".join(
+        f"{k.split('.')[-1]}={short_value(v)}" for k, v in sorted(config.items()) if k not in skip
+    )
+
+
+def run_name(trial: Any, norm: dict[str, Any], num_samples: int) -> str:
+    """A trial run's name: its number in the study (Tune's tag starts with it), its arm in the paper's
+    notation and the values sampled for it, e.g. `t07 sbn23 lr=0.107 momentum=0.125`."""
+    number = trial.experiment_tag.split("_", 1)[0]
+    arm = arm_label(norm["kind"], norm["placement"])
+    values = sampled_values(trial.config, skip=("norm.kind", "norm.placement"))
+    name = f"t{number.zfill(len(str(num_samples)))} {arm} {values}".rstrip()
+    return name[:RUN_NAME_MAX_CHARS]

@@ -1,19 +1,28 @@
 """ResNets with torchvision's module names, built for 32×32 inputs.
 
 `resnet18/34/50` are the ImageNet ResNets as the paper trains them on CIFAR: a 3×3 stride-1 stem and no
-max-pool, then four stages (64-512 channels). The same `ResNet` also builds He et al.'s 3-stage CIFAR ResNets
-(`cifar_resnet.py`). Every normalization comes from `norm_layer(num_features, stage)`, stage 0 being the stem;
-a block's shortcut norm belongs to the block's stage.
+max-pool (`stem="imagenet"`: torchvision's, for 224-pixel images), then four stages (64-512 channels). The same `ResNet` also builds He et al.'s 3-stage CIFAR ResNets
+(`cifar_resnet.py`). Every normalization comes from `norm_layer(num_features, stage)`, stage 0 being the stem,
+and every norm the activation follows comes with its activation from `norm_layer.norm_act(num_features,
+stage)`; a block's shortcut norm belongs to the block's stage. Each norm is registered right after the conv
+that feeds it (Cross-Iteration BN finds its conv so).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
-NormLayer = Callable[[int, int], nn.Module]
+
+class NormLayer(Protocol):
+    """What a model asks for its norms (`sbn_study.trial.norms.NormPlacement` answers)."""
+
+    def __call__(self, num_features: int, stage: int) -> nn.Module: ...
+
+    def norm_act(self, num_features: int, stage: int) -> tuple[nn.Module, nn.Module]: ...
 
 
 def init_weights(model: nn.Module) -> None:
@@ -48,7 +57,7 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, norm_layer: NormLayer, stage: int) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_planes, planes, stride)
-        self.bn1 = norm_layer(planes, stage)
+        self.bn1, self.relu1 = norm_layer.norm_act(planes, stage)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = norm_layer(planes, stage)
         # Not in place: feature-statistics hooks may hold on to a norm's output.
@@ -57,7 +66,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
@@ -71,9 +80,9 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_planes = planes * self.expansion
         self.conv1 = conv1x1(in_planes, planes)
-        self.bn1 = norm_layer(planes, stage)
+        self.bn1, self.relu1 = norm_layer.norm_act(planes, stage)
         self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = norm_layer(planes, stage)
+        self.bn2, self.relu2 = norm_layer.norm_act(planes, stage)
         self.conv3 = conv1x1(planes, out_planes)
         self.bn3 = norm_layer(out_planes, stage)
         self.relu = nn.ReLU()
@@ -81,8 +90,8 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -103,8 +112,8 @@ class ResNet(nn.Module):
         super().__init__()
         in_planes = widths[0]
         self.conv1 = conv3x3(3, in_planes)
-        self.bn1 = norm_layer(in_planes, 0)
-        self.relu = nn.ReLU()
+        self.bn1, self.relu = norm_layer.norm_act(in_planes, 0)
+        self.maxpool: nn.Module = nn.Identity()  # `with_stem` sets ImageNet's
         self.stage_names: list[str] = []
         for stage, (num_blocks, planes) in enumerate(zip(blocks_per_stage, widths, strict=True), start=1):
             layer = []
@@ -119,7 +128,7 @@ class ResNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for name in self.stage_names:
             x = getattr(self, name)(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -128,13 +137,25 @@ class ResNet(nn.Module):
 _IMAGENET_WIDTHS = (64, 128, 256, 512)
 
 
-def resnet18(num_classes: int, norm_layer: NormLayer) -> ResNet:
-    return ResNet(BasicBlock, (2, 2, 2, 2), _IMAGENET_WIDTHS, num_classes, norm_layer)
+def with_stem(model: ResNet, stem: str) -> ResNet:
+    """`model` with `stem` "cifar" (as built) or "imagenet": torchvision's 7×7 stride-2 conv and 3×3 stride-2
+    max-pool, for 224-pixel images and the ImageNet weights trained with them."""
+    if stem == "imagenet":
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 7, stride=2, padding=3, bias=False)
+        init_weights(model.conv1)
+        model.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+    elif stem != "cifar":
+        raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+    return model
 
 
-def resnet34(num_classes: int, norm_layer: NormLayer) -> ResNet:
-    return ResNet(BasicBlock, (3, 4, 6, 3), _IMAGENET_WIDTHS, num_classes, norm_layer)
+def resnet18(num_classes: int, norm_layer: NormLayer, stem: str = "cifar") -> ResNet:
+    return with_stem(ResNet(BasicBlock, (2, 2, 2, 2), _IMAGENET_WIDTHS, num_classes, norm_layer), stem)
 
 
-def resnet50(num_classes: int, norm_layer: NormLayer) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), _IMAGENET_WIDTHS, num_classes, norm_layer)
+def resnet34(num_classes: int, norm_layer: NormLayer, stem: str = "cifar") -> ResNet:
+    return with_stem(ResNet(BasicBlock, (3, 4, 6, 3), _IMAGENET_WIDTHS, num_classes, norm_layer), stem)
+
+
+def resnet50(num_classes: int, norm_layer: NormLayer, stem: str = "cifar") -> ResNet:
+    return with_stem(ResNet(Bottleneck, (3, 4, 6, 3), _IMAGENET_WIDTHS, num_classes, norm_layer), stem)

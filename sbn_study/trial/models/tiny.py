@@ -19,13 +19,12 @@ class TinyNet(nn.Module):
     def __init__(self, num_classes: int, norm_layer: NormLayer, width: int = 16) -> None:
         super().__init__()
         self.conv1 = conv3x3(3, width)
-        self.bn1 = norm_layer(width, 0)
-        self.relu = nn.ReLU()
+        self.bn1, self.relu = norm_layer.norm_act(width, 0)
         in_channels = width
         for stage, channels in enumerate((width, 2 * width, 4 * width), start=1):
-            layer = OrderedDict(
-                conv=conv3x3(in_channels, channels), bn=norm_layer(channels, stage), relu=nn.ReLU()
-            )
+            conv = conv3x3(in_channels, channels)
+            norm, act = norm_layer.norm_act(channels, stage)
+            layer = OrderedDict(conv=conv, bn=norm, relu=act)
             self.add_module(f"layer{stage}", nn.Sequential(layer))
             in_channels = channels
         self.pool = nn.MaxPool2d(2)

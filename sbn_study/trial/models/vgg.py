@@ -35,8 +35,7 @@ class VGG(nn.Module):
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             for index, width in enumerate(widths, start=1):
                 layers[f"conv{index}"] = conv3x3(in_channels, width)
-                layers[f"bn{index}"] = norm_layer(width, stage)
-                layers[f"relu{index}"] = nn.ReLU()
+                layers[f"bn{index}"], layers[f"relu{index}"] = norm_layer.norm_act(width, stage)
                 in_channels = width
             layers["pool"] = nn.MaxPool2d(2)
             self.stage_names.append(f"layer{stage}")

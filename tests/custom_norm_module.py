@@ -1,0 +1,38 @@
+"""A user's own norms, as `norm.kind: "tests.custom_norm_module:<name>"` places them (tests/test_custom_norm.py)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class ScaledBatchNorm2d(nn.BatchNorm2d):
+    """BN times a fixed `gain`; it keeps what it was told about its site, for the tests to read."""
+
+    def __init__(
+        self, channels: int, *, stage: int, spatial: tuple[int, int] | None, gain: float = 1.0
+    ) -> None:
+        super().__init__(channels)
+        self.stage = stage
+        self.spatial = spatial
+        self.gain = gain
+
+    def forward(self, input):
+        return super().forward(input) * self.gain
+
+
+def layer_norm(channels: int, *, stage: int, spatial: tuple[int, int] | None) -> nn.Module:
+    """A factory function rather than a class: LayerNorm over (C, H, W), which needs the site's map size."""
+    if spatial is None:
+        raise ValueError("layer_norm needs the site's spatial size")
+    return nn.LayerNorm([channels, *spatial])
+
+
+def takes_no_site(channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels)
+
+
+def returns_a_number(channels: int, *, stage: int, spatial: tuple[int, int] | None) -> int:
+    return channels
+
+
+NOT_CALLABLE = 3
