@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sbn_study.errors import UserError
-from sbn_study.protocol import TrialStatus
+from sbn_study.protocol import FEATURE_PREFIX, TrialStatus
 from sbn_study.store.runs import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, end_if_running, open_client, trial_runs
 
 # The run id of a trial run whose opening is still buffered; its writes are sent under the real id later.
@@ -398,7 +398,10 @@ class RunWriter:
                 run_id = found[0].info.run_id
                 self.client.update_run(run_id, status="RUNNING")
                 history = self.client.get_metric_history(run_id, STEP_METRIC)
-                arguments["found_step"] = max((m.step for m in history), default=-1)
+                # A kill between the step-0 feature statistics and epoch 1 leaves a run with step 0 alone:
+                # it holds step 0 then, or a resume would log the initial statistics twice.
+                initial = 0 if any(k.startswith(FEATURE_PREFIX) for k in found[0].data.metrics) else -1
+                arguments["found_step"] = max((m.step for m in history), default=initial)
                 arguments["params_logged"] = bool(found[0].data.params)
             else:
                 all_tags = {

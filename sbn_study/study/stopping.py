@@ -16,7 +16,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # what shells report for a process that SIGTERM ended
 EXIT_NO_SPACE = 2  # the user's to fix, as bad input is
@@ -129,5 +128,5 @@ def _largest_file(folder: Path) -> int:
     return max(sizes)
 
 
-def _mb(size: Any) -> str:
+def _mb(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
