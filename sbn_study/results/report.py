@@ -67,6 +67,9 @@ def _fidelity_line(row: Mapping[str, Any], budget: int) -> str:
 def write_table(table: pd.DataFrame, path: str, fmt: str) -> str:
     """Writes the trials table as `fmt` (csv or parquet) to `path`, making its folder; the line saying so.
     UserError, in the words of the flag that asked for it (--csv, --parquet), when it cannot be written."""
+    # Mapping-valued parameters (norm.options) have no parquet type: they are written as their text.
+    mappings = [c for c in table.columns if table[c].map(lambda v: isinstance(v, dict)).any()]
+    table = table.astype({c: str for c in mappings})
     writers = {"csv": table.to_csv, "parquet": table.to_parquet}
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
