@@ -275,7 +275,9 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (root needed): {mounted.stderr.decode().strip()}")
+        pytest.skip(
+            f"mount -t tmpfs is not permitted on this machine (the full-disk case needs a small real file system): {mounted.stderr.decode().strip()}"
+        )
     try:
         yield folder
     finally:
