@@ -1,0 +1,1 @@
+"""The subcommands, one module per stage of the flow: each declares its commands' arguments and runs them."""
