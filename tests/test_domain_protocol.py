@@ -371,6 +371,27 @@ def test_the_target_needs_a_multi_domain_dataset() -> None:
     assert excinfo.value.errors[0].startswith("data.target: a held-out domain needs a multi-domain dataset")
 
 
+@pytest.mark.parametrize("command", ["train", "probe", "validate"])
+def test_final_training_and_the_probe_refuse_a_multi_domain_config_in_one_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sbn_study import cli
+    from sbn_study.spec.loader import dump_yaml
+
+    config = load_spec(DOMAINS_QUICKSTART).base_config()
+    path = tmp_path / "dg-top1.yaml"
+    path.write_text(dump_yaml(config.model_dump(mode="json")))
+    assert cli.main([command, str(path)]) == 2
+    assert not list(tmp_path.glob("sbn-runs*"))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: data.dataset: final training takes a single-domain dataset (synthetic, cifar10, cifar100), "
+        "got the multi-domain synthetic_domains"
+    ), err
+    assert cli.main(["probe", str(DOMAINS_QUICKSTART)]) == 2
+    assert capsys.readouterr().err.startswith("error: data.dataset: the probe takes a single-domain dataset")
+
+
 def test_the_pacs_study_is_the_papers_protocol() -> None:
     spec = load_spec(PACS_BNE)
     assert (spec.data.dataset, spec.data.target, spec.data.image_resolution) == ("pacs", "all", 224)
@@ -406,6 +427,11 @@ def test_the_quick_start_runs_through_tune_optuna_asha_and_mlflow(domain_study: 
             assert sorted(history.epoch) == list(range(1, epochs + 1)), (trial_id, metric)
         last = group[group.epoch == epochs].set_index("metric").value
         assert last["target_acc"] == pytest.approx(np.mean([last[f"target_acc/{d}"] for d in domains]))
+    # the best trial exports, and the export says why `train` would refuse it instead of suggesting it
+    from sbn_study.results.export import export_best
+
+    (exported,) = export_best(uri, spec.name, 1, domain_study.output / "exports")
+    assert exported.not_trainable and "# Note: data.dataset: final training" in exported.path.read_text()
     bne = table[table["data.dg_method"] == "bne"]
     if len(bne):  # BNE's view of the domains reaches MLflow too
         distances = curves(uri, spec.name, [f"target_weight/plain/{s}" for s in domains[1:]])

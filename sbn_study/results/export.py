@@ -21,7 +21,7 @@ import yaml
 
 from sbn_study.errors import UserError
 from sbn_study.spec import Mode, load_trial_config
-from sbn_study.spec.config import Strict, TrialConfig
+from sbn_study.spec.config import Strict, TrialConfig, multi_domain_refusal
 from sbn_study.spec.loader import dump_yaml
 from sbn_study.store.uri import redact_uri
 
@@ -63,6 +63,7 @@ def load_final_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
 class Exported:
     path: Path
     provenance: Provenance
+    not_trainable: str | None = None  # why `sbn-study train` refuses the config, if it does
 
 
 def export_best(
@@ -111,8 +112,9 @@ def export_best(
         config = TrialConfig.model_validate(yaml.safe_load(text))
         path = out_dir / f"{study}-top{rank}-{row['trial_id']}.yaml"
         document = {**config.model_dump(mode="json"), "provenance": provenance.model_dump(mode="json")}
-        path.write_text(_header(provenance, path) + dump_yaml(document))
-        exported.append(Exported(path, provenance))
+        not_trainable = multi_domain_refusal(config.data, "final training")
+        path.write_text(_header(provenance, path, not_trainable) + dump_yaml(document))
+        exported.append(Exported(path, provenance, not_trainable))
     return exported
 
 
@@ -122,11 +124,13 @@ def search_seeds(values: Iterable[Any]) -> list[int]:
     return sorted({int(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
 
-def _header(p: Provenance, path: Path) -> str:
+def _header(p: Provenance, path: Path, not_trainable: str | None) -> str:
     lines = [
         f"Final-training configuration: trial {p.trial_id} of study '{p.study}', rank {p.rank} by best "
         f"{p.metric} ({p.value:.4g} at epoch {p.epoch}; the trial ran {p.epochs_run} of {p.budget} epochs).",
-        f"Train it at the full budget and test it once:  sbn-study train {path} --baseline",
+        f"Note: {not_trainable}"
+        if not_trainable
+        else f"Train it at the full budget and test it once:  sbn-study train {path} --baseline",
     ]
     if not p.full_budget:
         lines.append(f"Warning: {budget_warning(p)}")

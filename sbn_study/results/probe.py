@@ -26,7 +26,7 @@ import pandas as pd
 
 from sbn_study.errors import UserError
 from sbn_study.results.stats import CONFIDENCE, t_interval
-from sbn_study.spec.config import TrialConfig, flatten
+from sbn_study.spec.config import TrialConfig, flatten, multi_domain_refusal
 
 # The files a probe writes, under <output>/probe/<run name>/ and as artifacts of its run.
 TABLE, FIGURE, SUMMARY = "probe.csv", "probe.png", "summary.md"
@@ -166,7 +166,10 @@ def load_source(path: str, overrides: Sequence[str], final: bool) -> ProbeSource
     from sbn_study.spec import load_spec
 
     spec = load_spec(path, overrides)
-    return ProbeSource(path, spec.base_config(), spec.name, spec.tracking.uri)
+    config = spec.base_config()
+    if refusal := multi_domain_refusal(config.data, "the probe"):
+        raise UserError(refusal)
+    return ProbeSource(path, config, spec.name, spec.tracking.uri)
 
 
 @dataclass(frozen=True)

@@ -80,14 +80,19 @@ def write_table(table: pd.DataFrame, path: str, fmt: str) -> str:
 
 
 def render_exported(exported: Sequence[Exported]) -> str:
-    """One line per written config (its rank, trial and score), then the command that trains the best one."""
+    """One line per written config (its rank, trial and score), then the command that trains the best one (or
+    why `train` refuses it)."""
     lines = [
         f"wrote {item.path}: rank {p.rank}, trial {p.trial_id} ({p.status}), best {p.metric} "
         f"{p.value:.4g} at epoch {p.epoch} of {p.budget}"
         for item in exported
         for p in (item.provenance,)
     ]
-    lines.append(f"next: sbn-study train {shlex.quote(str(exported[0].path))} --baseline")
+    best = exported[0]
+    if best.not_trainable:
+        lines.append(f"note: {best.not_trainable}")
+    else:
+        lines.append(f"next: sbn-study train {shlex.quote(str(best.path))} --baseline")
     return "\n".join(lines)
 
 

@@ -241,6 +241,19 @@ class TrialConfig(Strict):
     features: FeatureStatsConfig = FeatureStatsConfig()
 
 
+def multi_domain_refusal(data: DataConfig, command: str) -> str | None:
+    """Why `command` cannot take `data`, or None: final training and the probe read one dataset's train and
+    test splits, while a multi-domain dataset is trained and evaluated fold by fold (`trial.domain_train`)."""
+    if data.dataset not in DOMAINS:
+        return None
+    single = ", ".join(name for name in get_args(DatasetName) if name not in DOMAINS)
+    return (
+        f"data.dataset: {command} takes a single-domain dataset ({single}), got the multi-domain "
+        f"{data.dataset}: compare its methods and norms with a study's leave-one-domain-out trials "
+        "(sbn-study run, e.g. search_spaces/domains_quickstart.yaml)"
+    )
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """`{"a": {"b": 1}}` → `{"a.b": 1}`; the dotted keys are the ones specs, `--set` and MLflow params use."""
     flat: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import ValidationError
 
-from sbn_study.spec.config import TrialConfig, flatten
+from sbn_study.spec.config import TrialConfig, flatten, multi_domain_refusal
 from sbn_study.spec.distributions import Distribution
 from sbn_study.spec.messages import SpecError, error_lines, show
 from sbn_study.spec.rules import as_stored, cross_field_errors
@@ -296,6 +296,8 @@ def load_trial_config(
     else:
         base = flatten(config.model_dump(include=set(TRIAL_SECTIONS)))
     errors += cross_field_errors(base, {}, None)[0]
+    if config is not None and (refusal := multi_domain_refusal(config.data, "final training")):
+        errors.append(refusal)
     if errors or config is None:
         raise SpecError(list(dict.fromkeys(errors)))
     return config
