@@ -225,6 +225,17 @@ def test_cosine_schedule_runs_from_lr_to_near_zero() -> None:
     ]
 
 
+@pytest.mark.parametrize("schedule", ["step", "cosine", "constant"])
+def test_warm_up_ramps_the_lr_linearly_into_the_schedule(schedule: str) -> None:
+    cold = tiny_config(epochs=10, lr=0.4, schedule=schedule)
+    warm = tiny_config(epochs=10, lr=0.4, schedule=schedule, warmup_epochs=3)
+    ramp = [0.25, 0.5, 0.75]
+    assert [lr_at(warm, e) for e in range(3)] == pytest.approx(
+        [f * lr_at(cold, e) for e, f in enumerate(ramp)]
+    )
+    assert [lr_at(warm, e) for e in range(3, 10)] == [lr_at(cold, e) for e in range(3, 10)]
+
+
 def test_feature_statistics_leave_the_model_untouched() -> None:
     model = create_model("tiny", 10, norm="sbn", placement="all", width=8)
     model.train()

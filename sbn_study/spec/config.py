@@ -202,6 +202,9 @@ class TrainConfig(Strict):
     # timm and airbench exclude norm gains/biases from decay; the paper decays everything (the default).
     norm_weight_decay: bool = True
     schedule: Literal["step", "cosine", "constant"] = "step"
+    # Epochs of linear warm-up, multiplying the schedule's lr by (epoch + 1)/(warmup_epochs + 1) (Goyal et al.
+    # 2017, per epoch here): what a large lr, e.g. one scaled up with the batch size, starts with.
+    warmup_epochs: int = Field(0, ge=0)
     # Epochs at which the step schedule multiplies the lr by `gamma`; `None` = 30/60/80 % of `epochs`,
     # which is the paper's 60/120/160 at 200 epochs and scales when a study shortens training.
     milestones: list[Annotated[int, Field(ge=1)]] | None = None

@@ -53,12 +53,13 @@ def resolve_device(name: str) -> torch.device:
 def lr_at(config: TrialConfig, epoch: int) -> float:
     """Learning rate of a whole epoch (0-based); a pure function of the epoch so resuming needs no state."""
     train = config.train
+    lr = train.lr * min(1.0, (epoch + 1) / (train.warmup_epochs + 1))
     if train.schedule == "constant":
-        return train.lr
+        return lr
     if train.schedule == "cosine":
-        return 0.5 * train.lr * (1 + math.cos(math.pi * epoch / train.epochs))
+        return 0.5 * lr * (1 + math.cos(math.pi * epoch / train.epochs))
     milestones = train.milestones or [round(train.epochs * f) for f in (0.3, 0.6, 0.8)]
-    return train.lr * train.gamma ** sum(epoch >= m for m in milestones)
+    return lr * train.gamma ** sum(epoch >= m for m in milestones)
 
 
 def make_optimizer(model: nn.Module, config: TrialConfig) -> torch.optim.SGD:
