@@ -89,6 +89,30 @@ def test_credentials_in_the_spec_reach_neither_artifacts_nor_what_tune_pickles(
     assert all(SECRET not in text for text in study_artifacts(study.spec, study.spec_text).values())
 
 
+def test_a_database_uri_password_stays_out_of_tunes_pickle_and_the_restored_callback_writes_with_it(
+    tmp_path: Path,
+) -> None:
+    from sbn_study.store.writer import RecordHandle
+    from sbn_study.tune.callbacks import TrackingCallback
+
+    uri = f"postgresql://alice:{SECRET.replace('/', '%2F')}@db.example.com:5432/mlflow"
+    spec = load_spec(QUICKSTART)
+    # The driver reopens the record with its credentialed URI before Tune restores its pickled callbacks.
+    handle = RecordHandle(uri, "1", "parent", tmp_path / "unsent.jsonl")
+    pickled = pickle.dumps(TrackingCallback(spec, handle))
+    assert b"alice" not in pickled and b"s3cr" not in pickled
+    restored = pickle.loads(pickled).record
+    assert restored == handle and restored.uri == uri  # the same record, so the same (one) writer
+    # In a process that never saw the credentials the handle names the store without them.
+    child = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read()).record.uri)"],
+        input=pickled,
+        capture_output=True,
+        check=True,
+    )
+    assert child.stdout.decode().strip() == "postgresql://db.example.com:5432/mlflow"
+
+
 @contextlib.contextmanager
 def health_server(credentials: tuple[str, str]) -> Iterator[int]:
     """An HTTP server on loopback whose /health answers 200 to these basic-auth credentials alone (any request

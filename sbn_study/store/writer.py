@@ -29,6 +29,7 @@ from typing import Any
 from sbn_study.errors import UserError
 from sbn_study.protocol import FEATURE_PREFIX, TrialStatus
 from sbn_study.store.runs import PARENT_TAG, STATUS_TAG, TRIAL_ID_TAG, end_if_running, open_client, trial_runs
+from sbn_study.store.uri import redact_uri
 
 # The run id of a trial run whose opening is still buffered; its writes are sent under the real id later.
 STAND_IN_PREFIX = "pending:"
@@ -45,6 +46,14 @@ OPEN_WAIT_S = 5.0
 CLOSE_WAIT_S = 30.0
 
 
+# Credentialed tracking URIs by their redacted form, of the handles this process made.
+_credentials: dict[str, str] = {}
+
+
+def _unpickled_handle(uri: str, experiment_id: str, parent_run_id: str, unsent_path: Path) -> RecordHandle:
+    return RecordHandle(_credentials.get(uri, uri), experiment_id, parent_run_id, unsent_path)
+
+
 @dataclass(frozen=True)
 class RecordHandle:
     """Where a study's record is: plain data, pickled into Tune's state with the callback that writes it."""
@@ -53,6 +62,21 @@ class RecordHandle:
     experiment_id: str
     parent_run_id: str
     unsent_path: Path  # JSON lines of the writes the store never took
+
+    def __post_init__(self) -> None:
+        if (redacted := redact_uri(self.uri)) != self.uri:
+            _credentials[redacted] = self.uri
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Tune's state keeps a pickle of the callback, and so of this handle, in the experiment folder: a
+        # database URI's password (its driver reads it from the URI alone) stays out of it. The driver that
+        # restores the state has opened the record with its credentialed URI first, and so knows it again.
+        return _unpickled_handle, (
+            redact_uri(self.uri),
+            self.experiment_id,
+            self.parent_run_id,
+            self.unsent_path,
+        )
 
     def writer(self) -> RunWriter:
         """This process's writer of the record: the active one, else a new one."""
@@ -202,6 +226,12 @@ class RunWriter:
     def set_tags(self, trial_id: str, tags: Mapping[str, str]) -> None:
         with self._changed:
             self._queue("tags", self._runs[trial_id], {"tags": dict(tags)})
+
+    def log_artifact(self, trial_id: str, path: Path, folder: str | None = None) -> None:
+        """A file of the trial's run (under `folder` in its artifacts), queued like its metrics: the file must
+        stay where it is until sent, and a saved write names it by its path."""
+        with self._changed:
+            self._queue("artifact", self._runs[trial_id], {"path": str(path), "folder": folder})
 
     def finish_trial(self, trial_id: str, status: TrialStatus | str) -> None:
         status = TrialStatus(status)
@@ -373,6 +403,8 @@ class RunWriter:
             )
         elif operation == "end":
             self.client.set_terminated(run_id, status=arguments["status"])
+        elif operation == "artifact":
+            self.client.log_artifact(run_id, arguments["path"], arguments["folder"])
         elif operation == "experiment_tags":
             for key, value in arguments["tags"].items():
                 self.client.set_experiment_tag(self.handle.experiment_id, key, value)

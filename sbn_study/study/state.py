@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from sbn_study.durable import replace_file
 from sbn_study.errors import UserError, one_line
 from sbn_study.store.uri import check_reachable, redact_uri, use_server_credentials
 from sbn_study.store.writer import RecordHandle
@@ -90,6 +91,12 @@ class StudyState:
     # The resolved spec the execution started with (`model_dump(mode="json")`, without credentials): what a
     # resume compares its own with. None in a state an older sbn-study wrote.
     spec: dict[str, Any] | None = None
+    # The sampler's Optuna study: its database (without credentials) and name. None in an older state.
+    optuna_storage: str | None = None
+    optuna_study: str | None = None
+    # The trial ids of the executions a larger num_samples extended (`--resume` of a finished study): their
+    # runs are the parent run's, their Tune trials another Tune experiment's.
+    earlier_trials: list[str] | None = None
     # Set when an execution ends.
     unsent_writes: int | None = None
     unsent_path: str | None = None
@@ -115,16 +122,10 @@ class StudyState:
         """Replaces the file at once: a driver killed mid-write, or a disk that fills, leaves the old state,
         never a broken one. UserError when it cannot be written."""
         fields: dict[str, Any] = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        temporary = path.with_name(f"{path.name}.tmp")  # same folder: the rename cannot cross file systems
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with temporary.open("w") as file:
-                file.write(json.dumps(fields, indent=2))
-                file.flush()
-                os.fsync(file.fileno())  # the rename must not reach the disk before the data does
-            temporary.replace(path)
+            replace_file(path, json.dumps(fields, indent=2).encode())
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
             raise UserError(
                 f"--output: cannot save the study's state to {path} ({exc.strerror or exc}); it keeps the state "
                 "saved before: free space (or make it writable) and continue with --resume"

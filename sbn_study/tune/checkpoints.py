@@ -28,17 +28,17 @@ upload completes; there is no rename or folder to fsync there.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import io
 import json
 import os
 import pickle
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from sbn_study.durable import replace_file
 
 FOLDER = "trials"
 MARKER = ".study"
@@ -111,7 +111,9 @@ class TrialStates:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         if self._local is not None:
-            _replace(self._local / f"{trial_id}{SUFFIX}", buffer.getbuffer())
+            replace_file(
+                self._local / f"{trial_id}{SUFFIX}", buffer.getbuffer(), lambda: pause_point("checkpoint-writing")
+            )
             return
         pause_point("checkpoint-writing")
         with self._fs.open_output_stream(f"{self._path}/{trial_id}{SUFFIX}") as file:
@@ -211,26 +213,3 @@ def local_path(location: str) -> Path | None:
     return Path(path) if isinstance(fs, pyarrow.fs.LocalFileSystem) else None
 
 
-def _replace(path: Path, data: memoryview | bytes) -> None:
-    """Puts `data` at `path` in one step, durably: temporary file, fsync, rename, fsync of the folder."""
-    # A unique temporary name: a second writer of the same trial (a worker that outlived its node's
-    # heartbeat) then never writes into this one's file.
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp's owner-only mode would hide the file from a node that runs Ray as another user.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        pause_point("checkpoint-writing")
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # makes the rename itself durable
-    finally:
-        os.close(folder)
