@@ -290,22 +290,29 @@ def test_resume_refuses_a_spec_that_defines_other_trials_naming_the_keys(
         )
 
 
-@pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MB tmpfs, filled up: writes there fail with ENOSPC, as on a full disk."""
-    folder = tmp_path / "full"
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `folder`: a real file system that fills up, where writes fail with ENOSPC
+    as on a full disk."""
     folder.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(
-            f"mount -t tmpfs is not permitted on this machine (the full-disk case needs a small real file system): {mounted.stderr.decode().strip()}"
+            "mount -t tmpfs is not permitted on this machine (the full-disk case needs a small real file system): "
+            + mounted.stderr.decode().strip()
         )
     try:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    with small_disk(tmp_path / "full", "1m") as folder:
+        yield folder
 
 
 def fill(folder: Path, leave: int = 0) -> None:

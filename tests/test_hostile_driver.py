@@ -20,7 +20,7 @@ import pytest
 from sbn_study.study.state import state_path
 from tests.conftest import run_command
 from tests.servers import kill_tree, mlflow_server
-from tests.test_hostile import NAME, SECRET, fill
+from tests.test_hostile import NAME, SECRET, fill, small_disk
 
 pytestmark = pytest.mark.slow
 
@@ -109,17 +109,8 @@ def test_the_embedded_ray_listens_on_loopback_and_sigterm_stops_a_study_resumabl
 
 
 def test_a_disk_that_fills_up_stops_the_study_cleanly_and_resumably(tmp_path: Path) -> None:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(
-            f"mount -t tmpfs is not permitted on this machine (the full-disk case needs a small real file system): {mounted.stderr.decode().strip()}"
-        )
-    output = disk / "out"
-    try:
+    with small_disk(tmp_path / "disk", "64m") as disk:
+        output = disk / "out"
         driver = start_driver(output, [])
         try:
             wait_for(lambda: an_epoch_logged(output), driver)
@@ -136,8 +127,6 @@ def test_a_disk_that_fills_up_stops_the_study_cleanly_and_resumably(tmp_path: Pa
             run_command(output, [], "--resume"), capture_output=True, text=True, timeout=300
         )
         assert_finished(output, resumed)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_server_uri_with_credentials_runs_a_study_and_leaves_them_nowhere(tmp_path: Path) -> None:
