@@ -1,7 +1,7 @@
 """`sbn-study`: the command line.
 
 The subcommands live in `sbn_study.commands`, one module per stage (`study`: validate, run, ui, replay;
-`results`: report, export, probe; `final`: train). Each declares a command's arguments in `_add_<name>` and runs
+`results`: report, export, probe; `final`: train; `evaluate`: evaluate). Each declares a command's arguments in `_add_<name>` and runs
 it in `_<name>(args) -> int`; options several commands share are declared once, in `commands.common`. What a
 command prints is made by the render functions beside what they render, so the commands only parse and
 dispatch. Heavy modules (torch, ray, mlflow, optuna, pandas, and even the spec schema) are imported inside the
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from sbn_study import __version__
-from sbn_study.commands import common, final, results, study
+from sbn_study.commands import common, evaluate, final, results, study
 from sbn_study.errors import UserError
 from sbn_study.study import stopping
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sbn-study {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for commands in (study, results, final):
+    for commands in (study, results, final, evaluate):
         commands.register(subparsers)
     return parser
 

@@ -66,6 +66,37 @@ def add_address(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which evaluation suites run on a trained model, and the grid of the Fourier heat map."""
+    from sbn_study import arguments
+    from sbn_study.final.evaluation import SUITE_NAMES, EvaluationOptions
+
+    defaults = EvaluationOptions()
+    parser.add_argument(
+        "--suites",
+        "--suite",
+        type=name_list,
+        default=SUITE_NAMES,
+        metavar="LIST",
+        help=f"evaluation suites: some of {','.join(SUITE_NAMES)}, or none (default: all)",
+    )
+    parser.add_argument(
+        "--fourier-stride",
+        type=arguments.integer(1),
+        default=defaults.fourier_stride,
+        metavar="N",
+        help="measure the Fourier heat map only at frequencies whose components are multiples of N, about "
+        f"1/N² of the cost (default {defaults.fourier_stride}; 1: every frequency)",
+    )
+    parser.add_argument(
+        "--fourier-images",
+        type=arguments.integer(1),
+        default=defaults.fourier_images,
+        metavar="N",
+        help=f"test images the Fourier heat map is measured on (default {defaults.fourier_images})",
+    )
+
+
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """The study to read back, and where its MLflow store is; shared by report and export."""
     parser.add_argument("study", help="study name (the spec's `name`, the MLflow experiment)")

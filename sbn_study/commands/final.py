@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from sbn_study import arguments
 from sbn_study.commands import common
 from sbn_study.commands.common import Subparsers
+from sbn_study.errors import UserError
+
+if TYPE_CHECKING:
+    from sbn_study.final.arms import ArmPlan
+    from sbn_study.final.training import FinalOptions
 
 
 def _add_train(subparsers: Subparsers) -> None:
@@ -35,9 +41,21 @@ def _add_train(subparsers: Subparsers) -> None:
     parser.add_argument("--arm-set", action="append", default=[], metavar="KEY=VALUE", help=arm_set)
     common.add_output_arguments(parser)
     common.add_address(parser)
+    common.add_suite_arguments(parser)
     parser.add_argument(
-        "--experiment", metavar="NAME", help="MLflow experiment (default: <study>-final, from the provenance)"
+        "--experiment",
+        metavar="NAME",
+        help="MLflow experiment (default: <study>-final, or <study>-batch-sizes with --batch-sizes)",
     )
+    sizes = (
+        "train the config and every arm at each of these batch sizes on the same seeds, and draw test accuracy "
+        "against batch size per arm, e.g. 2,4,8,32,128"
+    )
+    parser.add_argument("--batch-sizes", type=arguments.integer_list(2), metavar="LIST", help=sizes)
+    scaling = (
+        "with --batch-sizes: lr × b/B from the config's batch size B (linear, the default) or the same lr"
+    )
+    parser.add_argument("--lr-scaling", choices=("linear", "none"), help=scaling)
     cpus = arguments.number(0, above=True)
     parser.add_argument("--cpus-per-seed", type=cpus, default=1.0, metavar="N", help="default 1")
     gpus = arguments.number(0)
@@ -52,6 +70,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from sbn_study.final import render
     from sbn_study.final.arms import ArmRequest, plan_arms
+    from sbn_study.final.evaluation import EvaluationOptions, check_suites
     from sbn_study.final.training import FinalOptions, experiment_name, run_final
     from sbn_study.results.export import load_final_config
 
@@ -67,13 +86,51 @@ def _train(args: argparse.Namespace) -> int:
         address=args.address,
         cpus_per_seed=args.cpus_per_seed,
         gpus_per_seed=args.gpus_per_seed,
+        evaluation=EvaluationOptions(check_suites(args.suites), args.fourier_stride, args.fourier_images),
     )
+    if args.batch_sizes:
+        return _train_batch_sizes(args, plan, options)
+    if args.lr_scaling:
+        raise UserError("--lr-scaling: it scales the lr with --batch-sizes, which is not given")
     print(render.render_start(args.config, plan, options), flush=True)
     print("\n".join(render.render_arm_values(plan)), flush=True)
     common.print_err([*render.config_warnings(config), *render.seed_warnings(plan, options.seeds)])
     outcome = run_final(plan, options, lambda result: print(render.render_seed(result), flush=True))
     print(render.render_summary(outcome))
     common.print_err(render.summary_warnings(outcome))
+    return 0 if all(r.status == "completed" for r in outcome.results) else 1
+
+
+def _train_batch_sizes(args: argparse.Namespace, plan: ArmPlan, options: FinalOptions) -> int:
+    """`train --batch-sizes`: every arm at every batch size on the same seeds (`final.batch_sizes`)."""
+    import dataclasses
+    from functools import partial
+    from pathlib import Path
+
+    from sbn_study.final import batch_sizes, render
+    from sbn_study.final.training import experiment_name, run_final
+
+    sweep = batch_sizes.sweep(plan, args.batch_sizes, args.lr_scaling or "linear")
+    experiment = args.experiment or experiment_name(plan.config, Path(args.config), "batch-sizes")
+    options = dataclasses.replace(options, experiment=experiment)
+    print(batch_sizes.render_start(args.config, sweep, options.seeds, experiment), flush=True)
+    print("\n".join(render.render_arm_values(plan)), flush=True)
+    common.print_err(
+        [
+            *render.config_warnings(plan.config),
+            *render.seed_warnings(plan, options.seeds),
+            *batch_sizes.warnings(sweep),
+        ]
+    )
+    outcome = run_final(
+        sweep.plan,
+        options,
+        lambda result: print(render.render_seed(result), flush=True),
+        partial(batch_sizes.publication, sweep),
+    )
+    print(batch_sizes.render_summary(sweep, outcome))
+    common.print_err(render.summary_warnings(outcome))
+    # As `train` does: a run that did not complete is in the table, and in the exit status.
     return 0 if all(r.status == "completed" for r in outcome.results) else 1
 
 

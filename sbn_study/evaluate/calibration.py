@@ -31,17 +31,24 @@ TEMPERATURE_RANGE = (1e-2, 1e2)
 _HALVINGS = 48
 
 
-def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """float64 bins×3 on the logits' device: per ECE bin, its count, Σ correct and Σ confidence (what a
+    reliability diagram draws: accuracy Σ correct / count against confidence Σ confidence / count)."""
     probabilities = logits.double().softmax(1)
     confidence, prediction = probabilities.max(1)
     correct = (prediction == labels).double()
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64, device=logits.device)[1:-1]
     # right=False puts a confidence equal to an edge in the bin below: bins are (lower, upper].
     bin_of = torch.bucketize(confidence, edges, right=False)
-    gap = torch.zeros(bins, dtype=torch.float64, device=logits.device)
-    gap.index_add_(0, bin_of, correct - confidence)
+    sums = torch.zeros(bins, 3, dtype=torch.float64, device=logits.device)
+    sums.index_add_(0, bin_of, torch.stack([torch.ones_like(correct), correct, confidence], 1))
+    return sums
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    _, correct, confidence = reliability(logits, labels, bins).unbind(1)
     # n_b/N · |acc_b − conf_b| = |Σ_b correct − Σ_b confidence| / N.
-    return float(gap.abs().sum() / len(labels))
+    return float((correct - confidence).abs().sum() / len(labels))
 
 
 def negative_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -85,9 +85,12 @@ def compare_arms(
     scores: Sequence[SeedScore], reference: str, confidence: float = CONFIDENCE
 ) -> tuple[dict[str, ArmSummary], list[PairedDifference]]:
     """Summaries of every arm (in first-seen order) and the paired difference of every other arm against
-    `reference`, Holm-corrected across those arms."""
+    `reference`, Holm-corrected across those arms; no differences without a `reference` arm (a batch-size
+    sweep has the configuration at every batch size, but no one arm to compare the others with)."""
     arms = list(dict.fromkeys(s.arm for s in scores))
     summaries = {arm: summarize_arm(arm, scores, confidence) for arm in arms}
+    if reference not in summaries:
+        return summaries, []
     completed = {(s.arm, s.seed): s.value for s in scores if s.status == TrialStatus.COMPLETED}
     seeds = {s.seed for s in scores}
     rows = []
@@ -152,6 +155,20 @@ def markdown_table(
     rows = _rows(summaries, differences, labels or {})
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def suite_table(
+    comparisons: Mapping[str, tuple[Mapping[str, ArmSummary], Sequence[PairedDifference]]],
+    figures: Mapping[str, str],
+    labels: Mapping[str, str] | None = None,
+) -> str:
+    """`markdown_table`'s rows for several figures (figure → its comparison) in one table, each named by
+    `figures`; Holm's correction is within a figure, across the arms, as for accuracy."""
+    lines = ["| figure | " + " | ".join(HEADER) + " |", "|" + "---|" * (len(HEADER) + 1)]
+    for figure, (summaries, differences) in comparisons.items():
+        for row in _rows(summaries, differences, labels or {}):
+            lines.append(f"| {figures.get(figure, figure)} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sbn_study.final.arms import ArmPlan
     from sbn_study.final.comparison import ArmSummary, PairedDifference
+    from sbn_study.final.evaluation import CheckpointEvaluation, Comparison
     from sbn_study.final.training import FinalOptions, FinalOutcome, SeedResult
     from sbn_study.results.export import FinalConfig
 
@@ -110,10 +111,28 @@ def _explanation(differences: Sequence[PairedDifference]) -> str:
     )
 
 
+def _suites_explanation() -> str:
+    return (
+        "the evaluation suites' figures of the same checkpoints (lower is better for every one), compared the "
+        "same way; Holm's p corrects within a figure"
+    )
+
+
+def render_suites(suites: Mapping[str, Comparison], labels: Mapping[str, str]) -> str:
+    """The suites' comparison table; "" without suites."""
+    from sbn_study.final.comparison import suite_table
+    from sbn_study.final.evaluation import COMPARED
+
+    return suite_table(suites, COMPARED, labels) if suites else ""
+
+
 def render_comparison(
-    summaries: Mapping[str, ArmSummary], differences: Sequence[PairedDifference], plan: ArmPlan
+    summaries: Mapping[str, ArmSummary],
+    differences: Sequence[PairedDifference],
+    plan: ArmPlan,
+    suites: Mapping[str, Comparison] | None = None,
 ) -> str:
-    """`comparison.md`: the table, what its columns mean, and the values each arm used."""
+    """`comparison.md`: the table, what its columns mean, the suites' table, and the values each arm used."""
     from sbn_study.final.comparison import markdown_table
 
     explanation = _explanation(differences)
@@ -121,6 +140,9 @@ def render_comparison(
     text += (
         f"{explanation[0].upper()}{explanation[1:]}.\n\n{markdown_table(summaries, differences, plan.names)}"
     )
+    if suites:
+        sentence = _suites_explanation()
+        text += f"\n{sentence[0].upper()}{sentence[1:]}.\n\n{render_suites(suites, plan.names)}"
     if len(plan.arms) > 1:
         text += f"\nArm values: {plan.note}.\n\n"
         text += "".join(f"- {arm}: {values}\n" for arm, values in _arm_values(plan).items())
@@ -134,6 +156,11 @@ def render_summary(outcome: FinalOutcome) -> str:
     lines = [
         _explanation(outcome.differences) + ":",
         markdown_table(outcome.arms, outcome.differences, outcome.labels).rstrip("\n"),
+        *(
+            [_suites_explanation() + ":", render_suites(outcome.suites, outcome.labels).rstrip("\n")]
+            if outcome.suites
+            else []
+        ),
         f"wrote {outcome.folder}/: {', '.join(outcome.files)}",
         f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.experiment}', run "
         f"{outcome.parent_run_id})",
@@ -151,3 +178,24 @@ def summary_warnings(outcome: FinalOutcome) -> list[str]:
             f"{outcome.folder}/"
         )
     return lines
+
+
+def render_evaluation(result: CheckpointEvaluation) -> str:
+    """What `sbn-study evaluate` measured (every figure but the error per corruption and severity, which the
+    run and the dashboard hold), and where it went."""
+    import re
+
+    shown = {k: v for k, v in result.metrics.items() if not re.fullmatch(r"robust/\w+/\d/error", k)}
+    lines = [
+        f"evaluated {result.what}, the weights of epoch {result.epoch}:",
+        "| figure | value |",
+        "|---|---|",
+        *(f"| {key} | {value:.4f} |" for key, value in shown.items()),
+    ]
+    if result.run_id:
+        lines.append(
+            f"logged to run {result.run_id}: {len(result.metrics)} metrics, {', '.join(result.files)}"
+        )
+    if result.folder:
+        lines.append(f"wrote {result.folder}/: {', '.join(result.files)}")
+    return "\n".join(lines)
