@@ -39,3 +39,19 @@ def number(low: float, *, above: bool = False) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def integer_list(low: int) -> Callable[[str], tuple[int, ...]]:
+    """Distinct comma-separated integers of at least `low`, in the order given."""
+    domain = f"distinct comma-separated integers of at least {low}, such as {low},{2 * low},{4 * low}"
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {domain}, got {text!r}") from None
+        if min(values) < low or len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"expected {domain}, got {text!r}")
+        return values
+
+    return parse

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -36,3 +37,23 @@ def returns_a_number(channels: int, *, stage: int, spatial: tuple[int, int] | No
 
 
 NOT_CALLABLE = 3
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """Ghost BN with a fixed ghost batch (Hoffer et al. 2017): statistics over each group of `ghost` images.
+    A batch smaller than a ghost batch has no group to take them over, and fails, as BN fails at one value
+    per channel: what the batch-size sweep must count rather than drop (tests/test_batch_sizes.py)."""
+
+    def __init__(
+        self, channels: int, *, stage: int, spatial: tuple[int, int] | None, ghost: int = 4
+    ) -> None:
+        super().__init__(channels)
+        self.ghost = ghost
+
+    def forward(self, input):
+        if not self.training:
+            return super().forward(input)
+        if input.shape[0] < self.ghost:
+            raise ValueError(f"expected a batch of at least {self.ghost} images, got {input.shape[0]}")
+        groups = input.split(self.ghost)
+        return torch.cat([super(GhostBatchNorm2d, self).forward(group) for group in groups])

@@ -14,7 +14,7 @@ final seeds start after the search's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -63,6 +63,8 @@ class ArmPlan:
     note: str  # the same, in a sentence
     search_seeds: tuple[int, ...] | None  # None when the search is unknown
     warnings: tuple[str, ...] = ()
+    # arm → tags of its runs besides its name and seed (a batch-size sweep's arm and batch size, to group by)
+    run_tags: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def names(self) -> dict[str, str]:
