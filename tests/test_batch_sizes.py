@@ -124,6 +124,8 @@ def test_the_sweep_trains_every_arm_batch_size_and_seed_and_counts_the_runs_that
         "8,2",
         "--seeds",
         "0,1",
+        "--suites",
+        "none",
         "--output",
         str(output),
     )

@@ -41,6 +41,7 @@ def _add_train(subparsers: Subparsers) -> None:
     parser.add_argument("--arm-set", action="append", default=[], metavar="KEY=VALUE", help=arm_set)
     common.add_output_arguments(parser)
     common.add_address(parser)
+    common.add_suite_arguments(parser)
     parser.add_argument(
         "--experiment",
         metavar="NAME",
@@ -69,6 +70,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from sbn_study.final import render
     from sbn_study.final.arms import ArmRequest, plan_arms
+    from sbn_study.final.evaluation import EvaluationOptions, check_suites
     from sbn_study.final.training import FinalOptions, experiment_name, run_final
     from sbn_study.results.export import load_final_config
 
@@ -84,6 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         address=args.address,
         cpus_per_seed=args.cpus_per_seed,
         gpus_per_seed=args.gpus_per_seed,
+        evaluation=EvaluationOptions(check_suites(args.suites), args.fourier_stride, args.fourier_images),
     )
     if args.batch_sizes:
         return _train_batch_sizes(args, plan, options)

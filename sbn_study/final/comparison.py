@@ -158,6 +158,20 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+def suite_table(
+    comparisons: Mapping[str, tuple[Mapping[str, ArmSummary], Sequence[PairedDifference]]],
+    figures: Mapping[str, str],
+    labels: Mapping[str, str] | None = None,
+) -> str:
+    """`markdown_table`'s rows for several figures (figure → its comparison) in one table, each named by
+    `figures`; Holm's correction is within a figure, across the arms, as for accuracy."""
+    lines = ["| figure | " + " | ".join(HEADER) + " |", "|" + "---|" * (len(HEADER) + 1)]
+    for figure, (summaries, differences) in comparisons.items():
+        for row in _rows(summaries, differences, labels or {}):
+            lines.append(f"| {figures.get(figure, figure)} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def latex_table(
     summaries: Mapping[str, ArmSummary],
     differences: Sequence[PairedDifference],

@@ -9,6 +9,11 @@ As for a study, the driver alone writes MLflow (no concurrent writers on a sqlit
 opened before its task starts, and a task returns its history and test metrics, which the driver logs when
 the task ends. The dataset is loaded once by the driver and shared through Ray's object store. The
 comparison is written under the output folder and logged to the parent run once the seeds ended.
+
+The tested weights are kept (`checkpoint.pt`, so `sbn-study evaluate` can return to them) and, in the same task,
+go through the evaluation suites of `options.evaluation` (`final.evaluation`): their figures are logged to the
+seed's run beside test_acc, their files (the Fourier heat map, the reliability table) are its artifacts, and
+the figures of `evaluation.COMPARED` are compared across arms as accuracy is.
 """
 
 from __future__ import annotations
@@ -16,13 +21,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sbn_study.errors import UserError, one_line
 from sbn_study.final.arms import REFERENCE, ArmPlan
 from sbn_study.final.comparison import ArmSummary, PairedDifference, SeedScore, compare_arms
+from sbn_study.final.evaluation import (
+    BN_ARM,
+    CHECKPOINT,
+    FOLDER,
+    NO_SUITES,
+    Comparison,
+    Evaluation,
+    EvaluationOptions,
+    compare_suites,
+    save_checkpoint,
+    versus_bn,
+    write_files,
+)
 from sbn_study.protocol import result_metrics
 from sbn_study.results.export import FinalConfig
 from sbn_study.spec.config import TrialConfig, flatten
@@ -47,6 +65,9 @@ class FinalOptions:
     address: str | None = None
     cpus_per_seed: float = 1.0
     gpus_per_seed: float | None = None  # None = 1 when the Ray cluster has GPUs, else 0
+    evaluation: EvaluationOptions = field(
+        default_factory=EvaluationOptions
+    )  # the suites each tested checkpoint goes through
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,7 @@ class SeedResult:
     best_epoch: int  # the epoch whose weights were tested
     epochs_run: int
     error: str = ""
+    suites: dict[str, float] = field(default_factory=dict)  # the evaluation suites' figures
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,7 @@ class FinalOutcome:
     files: tuple[str, ...]  # their names
     not_logged: str  # why the parent run lacks the comparison's files; "" when it has them
     unsent: Path | None  # where writes the tracking store never took were saved, if any
+    suites: dict[str, Comparison] = field(default_factory=dict)  # figure of evaluation.COMPARED → comparison
 
 
 def experiment_name(config: FinalConfig, path: Path, suffix: str = "final") -> str:
@@ -161,6 +184,7 @@ def _run(
     record.log_artifacts({"config.yaml": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)})
     writer = record.writer()
 
+    folder = output / "final" / run_name
     task = ray.remote(_train_seed).options(num_cpus=options.cpus_per_seed, num_gpus=gpus)
     launched: dict[Any, tuple[str, int]] = {}  # task → (arm, seed)
     results: list[SeedResult] = []
@@ -179,11 +203,11 @@ def _run(
                     config_yaml=yaml.safe_dump(dumped, sort_keys=False),
                     tags={**common_tags, "sbn.arm": arm, "sbn.seed": str(seed), **plan.run_tags.get(arm, {})},
                 )
-                launched[task.remote(seeded, dataset)] = (arm, seed)
+                launched[task.remote(seeded, dataset, options.evaluation)] = (arm, seed)
         pending = list(launched)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            result = _record(writer, *launched[done[0]], done[0])
+            result = _record(writer, *launched[done[0]], done[0], folder)
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -191,8 +215,10 @@ def _run(
         results.sort(key=lambda r: (order[r.arm], r.seed))
         scores = [SeedScore(r.arm, r.seed, r.status, r.test_acc) for r in results]
         summaries, differences = compare_arms(scores, REFERENCE)
+        _log_versus_bn(writer, results)
+        suites = compare_suites([(r.arm, r.seed, r.status, r.suites) for r in results], REFERENCE)
         if publish is None:
-            publication = _comparison(plan, (summaries, differences))
+            publication = _comparison(plan, (summaries, differences), suites)
         else:
             publication = publish(results, summaries)
         writer.log_parent_metrics(publication.metrics)
@@ -203,7 +229,6 @@ def _run(
         record.finish("KILLED")
         raise
     unsent_writes = record.finish("FINISHED")
-    folder = output / "final" / run_name
     files, not_logged = _publish(record, folder, publication, not unsent_writes)
     return FinalOutcome(
         experiment=options.experiment,
@@ -217,11 +242,13 @@ def _run(
         files=files,
         not_logged=not_logged,
         unsent=unsent if unsent_writes else None,
+        suites=suites,
     )
 
 
-def _record(writer: RunWriter, arm: str, seed: int, ref: Any) -> SeedResult:
-    """Logs one ended task to its run and returns its result."""
+def _record(writer: RunWriter, arm: str, seed: int, ref: Any, folder: Path) -> SeedResult:
+    """Logs one ended task to its run, with its checkpoint and evaluation files (written under `folder`),
+    and returns its result."""
     import ray
 
     key = f"{arm}-seed{seed}"
@@ -239,6 +266,15 @@ def _record(writer: RunWriter, arm: str, seed: int, ref: Any) -> SeedResult:
         name: out[name] for name in ("test_acc", "test_loss", "best_val_acc") if math.isfinite(out[name])
     }
     writer.log_metrics(key, tested, step=out["best_epoch"])
+    evaluation: Evaluation | None = out["evaluation"]
+    if out["checkpoint"] is not None:
+        seed_folder = folder / key
+        save_checkpoint(seed_folder / CHECKPOINT, *out["checkpoint"], out["best_epoch"])
+        writer.log_artifact(key, seed_folder / CHECKPOINT)
+        if evaluation is not None:
+            writer.log_metrics(key, evaluation.metrics, step=out["best_epoch"])
+            for path in write_files(evaluation, seed_folder / FOLDER, f"{arm}, seed {seed}"):
+                writer.log_artifact(key, path, FOLDER)
     writer.set_tags(key, {"sbn.node": out["node"], "sbn.best_epoch": str(out["best_epoch"])})
     writer.finish_trial(key, out["status"])
     return SeedResult(
@@ -251,11 +287,24 @@ def _record(writer: RunWriter, arm: str, seed: int, ref: Any) -> SeedResult:
         out["best_val_acc"],
         out["best_epoch"],
         out["epochs_run"],
+        suites=evaluation.metrics if evaluation is not None else {},
     )
 
 
-def _train_seed(config: TrialConfig, dataset: ImageDataset) -> dict[str, Any]:
-    """The Ray task: train, restore the best-validation weights, evaluate them once on the test split."""
+def _log_versus_bn(writer: RunWriter, results: list[SeedResult]) -> None:
+    """Each seed's corruption errors relative to the BN arm's on the same seed, logged to its run."""
+    bn = {r.seed: r.suites for r in results if r.arm == BN_ARM}
+    for r in results:
+        relative = versus_bn(r.suites, bn[r.seed]) if r.arm != BN_ARM and r.seed in bn else {}
+        if relative:
+            writer.log_metrics(f"{r.arm}-seed{r.seed}", relative, step=r.best_epoch)
+
+
+def _train_seed(
+    config: TrialConfig, dataset: ImageDataset, evaluation: EvaluationOptions = NO_SUITES
+) -> dict[str, Any]:
+    """The Ray task: train, restore the best-validation weights, evaluate them once on the test split, then
+    run the evaluation suites on them."""
     import ray
 
     from sbn_study.trial.data import DeviceLoader
@@ -277,6 +326,11 @@ def _train_seed(config: TrialConfig, dataset: ImageDataset) -> dict[str, Any]:
             std=dataset.std,
         )
         test_loss, test_acc = evaluate(model, test, amp=config.train.amp)
+    suites = None
+    if result.best_state is not None and evaluation.suites:
+        from sbn_study.final.evaluation import evaluate_model
+
+        suites = evaluate_model(model, dataset, evaluation)
     return {
         "history": result.history,
         "status": result.status,
@@ -286,27 +340,35 @@ def _train_seed(config: TrialConfig, dataset: ImageDataset) -> dict[str, Any]:
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "node": ray.get_runtime_context().get_node_id(),
+        "checkpoint": None
+        if result.best_state is None
+        else (config.model_dump(mode="json"), result.best_state),
+        "evaluation": suites,
     }
 
 
 def _summary_metrics(
-    summaries: dict[str, ArmSummary], differences: list[PairedDifference]
+    summaries: dict[str, ArmSummary], differences: list[PairedDifference], figure: str = "test_acc"
 ) -> dict[str, float]:
-    """The comparison as metrics of the parent run, so the MLflow UI shows it next to the seeds."""
+    """The comparison of `figure` as metrics of the parent run, so the MLflow UI shows it next to the seeds:
+    test_acc's under the names it always had (`diff/<arm>/p`), another figure's under its own name."""
     values: dict[str, float] = {}
+    own = "" if figure == "test_acc" else f"{figure}/"
     for arm, s in summaries.items():
         counts = {"completed": s.completed, "diverged": s.diverged, "failed": s.failed}
-        values |= {f"{arm}/test_acc_mean": s.mean, f"{arm}/test_acc_std": s.std}
-        values |= {f"{arm}/{status}": count for status, count in counts.items()}
+        values |= {f"{arm}/{figure}_mean": s.mean, f"{arm}/{figure}_std": s.std}
+        values |= {f"{arm}/{own}{status}": count for status, count in counts.items()}
     for d in differences:
         prefix = f"diff/{d.arm}/"
-        values |= {f"{prefix}test_acc_{k}": getattr(d, k) for k in ("mean", "std", "low", "high")}
-        values |= {f"{prefix}p": d.p_value, f"{prefix}p_holm": d.p_holm, f"{prefix}pairs": d.n}
+        values |= {f"{prefix}{figure}_{k}": getattr(d, k) for k in ("mean", "std", "low", "high")}
+        values |= {f"{prefix}{own}p": d.p_value, f"{prefix}{own}p_holm": d.p_holm, f"{prefix}{own}pairs": d.n}
     return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 
 
 def _comparison(
-    plan: ArmPlan, comparison: tuple[dict[str, ArmSummary], list[PairedDifference]]
+    plan: ArmPlan,
+    comparison: tuple[dict[str, ArmSummary], list[PairedDifference]],
+    suites: dict[str, Comparison],
 ) -> Publication:
     """The comparison of the arms with the configuration: its metrics, table (Markdown, LaTeX) and forest
     plot."""
@@ -314,13 +376,16 @@ def _comparison(
     from sbn_study.final.render import render_comparison
 
     summaries, differences = comparison
+    metrics = _summary_metrics(summaries, differences)
+    for figure, compared in suites.items():
+        metrics |= _summary_metrics(*compared, figure)
     texts = {
-        TABLE_MARKDOWN: render_comparison(summaries, differences, plan),
+        TABLE_MARKDOWN: render_comparison(summaries, differences, plan, suites),
         TABLE_LATEX: latex_table(summaries, differences, plan.names),
     }
     # One arm alone has no difference to plot.
     figures = {FOREST_PLOT: forest_plot(differences, plan.names)} if differences else {}
-    return Publication(_summary_metrics(summaries, differences), texts, figures)
+    return Publication(metrics, texts, figures)
 
 
 def _publish(
