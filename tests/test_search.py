@@ -27,6 +27,10 @@ from tests.conftest import QUICKSTART
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def in_memory(spec: StudySpec) -> StudySearch:
+    return StudySearch(spec, None, "test")
+
+
 @pytest.fixture
 def spec() -> StudySpec:
     spec = load_spec(QUICKSTART, ["train.epochs=8"])
@@ -64,7 +68,7 @@ def epochs(values: list[float], **extra: float) -> list[dict[str, float]]:
 
 
 def test_a_diverged_trial_is_complete_with_the_worst_value(spec: StudySpec) -> None:
-    search = StudySearch(spec)
+    search = in_memory(spec)
     # Epoch 2 diverges: the trainable replaces the searched metric with its worst value (-inf for max).
     results = [
         {"epoch": 1, "val_acc": 0.3},
@@ -81,7 +85,7 @@ def test_a_diverged_trial_is_complete_with_the_worst_value(spec: StudySpec) -> N
 
 
 def test_a_trial_the_scheduler_stopped_is_pruned_with_its_values_per_epoch(spec: StudySpec) -> None:
-    search = StudySearch(spec)
+    search = in_memory(spec)
     results = [{"epoch": e, "val_acc": v} for e, v in [(1, 0.2), (2, 0.25), (3, 0.31)]]
 
     recorded = run_trial(search, "stopped", results, stopped_by_scheduler=True)
@@ -92,7 +96,7 @@ def test_a_trial_the_scheduler_stopped_is_pruned_with_its_values_per_epoch(spec:
 
 
 def test_a_trial_stopped_at_its_first_rung_still_tells_its_value(spec: StudySpec) -> None:
-    search = StudySearch(spec)
+    search = in_memory(spec)
 
     recorded = run_trial(search, "first-rung", [{"epoch": 1, "val_acc": 0.2}], stopped_by_scheduler=True)
 
@@ -102,7 +106,7 @@ def test_a_trial_stopped_at_its_first_rung_still_tells_its_value(spec: StudySpec
 
 
 def test_a_trial_that_ran_its_budget_is_complete_with_its_last_value(spec: StudySpec) -> None:
-    search = StudySearch(spec)
+    search = in_memory(spec)
     results = [{"epoch": e, "val_acc": 0.1 * e} for e in range(1, 9)]
 
     recorded = run_trial(search, "full", results, stopped_by_scheduler=False)
@@ -112,7 +116,7 @@ def test_a_trial_that_ran_its_budget_is_complete_with_its_last_value(spec: Study
 
 
 def test_a_crashed_trial_is_failed_with_the_values_it_reported(spec: StudySpec) -> None:
-    search = StudySearch(spec)
+    search = in_memory(spec)
     search.suggest("crashed")
     search.on_trial_result("crashed", {"epoch": 1, "val_acc": 0.2})
     search.on_trial_complete("crashed", error=True)  # what Tune calls once max_failures are spent
@@ -122,7 +126,7 @@ def test_a_crashed_trial_is_failed_with_the_values_it_reported(spec: StudySpec) 
 
 
 def test_a_trial_removed_before_any_result_is_failed(spec: StudySpec) -> None:
-    search = StudySearch(spec)
+    search = in_memory(spec)
     search.suggest("pending")
     search.on_trial_complete("pending")  # Tune's stop_trial of a PENDING trial: no result, no error
 
@@ -130,7 +134,7 @@ def test_a_trial_removed_before_any_result_is_failed(spec: StudySpec) -> None:
 
 
 def test_calls_after_a_trial_was_told_or_for_unknown_trials_change_nothing(spec: StudySpec) -> None:
-    search = StudySearch(spec)
+    search = in_memory(spec)
     told = run_trial(search, "done", epochs([0.2, 0.3]), stopped_by_scheduler=True)
 
     search.on_trial_result("done", {"epoch": 3, "val_acc": 0.9})
@@ -153,7 +157,7 @@ def test_multi_objective_trials_are_told_both_values_and_no_intermediate_ones() 
             "search.sampler={type: nsga2, seed: 0}",
         ],
     )
-    search = StudySearch(spec)
+    search = in_memory(spec)
     assert (search.metric, search.mode) == (["val_acc", "epoch_time_s"], ["max", "min"])
     assert search.study.directions == [
         optuna.study.StudyDirection.MAXIMIZE,
@@ -177,7 +181,7 @@ def test_a_seeded_searcher_suggests_the_same_trials_and_conditions_hold(spec: St
     spec = load_spec(QUICKSTART, ["train.epochs=8", *conditional])
 
     def sequence(spec: StudySpec) -> list[dict[str, Any]]:
-        search, suggested = StudySearch(spec), []
+        search, suggested = in_memory(spec), []
         for number in range(8):  # past n_startup_trials: TPE's model draws the last ones
             suggested.append(search.suggest(f"t{number}"))
             run_trial(search, f"t{number}", epochs([0.1 * (number % 3)] * 8), stopped_by_scheduler=False)
@@ -192,14 +196,14 @@ def test_a_seeded_searcher_suggests_the_same_trials_and_conditions_hold(spec: St
 
 
 def test_suggest_again_for_the_same_trial_returns_its_parameters(spec: StudySpec) -> None:
-    search = StudySearch(spec)
+    search = in_memory(spec)
     assert search.suggest("t") == search.suggest("t")
     assert len(search.study.trials) == 1
 
 
 def tuner_wrapped(spec: StudySpec) -> SearchGenerator:
     """The searcher as `Tuner` holds it when the spec sets max_concurrent (TuneConfig.max_concurrent_trials)."""
-    return SearchGenerator(ConcurrencyLimiter(StudySearch(spec), max_concurrent=spec.search.max_concurrent))
+    return SearchGenerator(ConcurrencyLimiter(in_memory(spec), max_concurrent=spec.search.max_concurrent))
 
 
 def base(generator: SearchGenerator) -> StudySearch:
@@ -261,7 +265,7 @@ def test_save_and_restore_keep_the_samplers_history_and_its_next_suggestions(
     assert history(restored) == history(original) and len(restored.study.trials) == 9
 
     # The history matters: a searcher that lost it would have sampled something else.
-    fresh = StudySearch(spec)
+    fresh = in_memory(spec)
     assert [fresh.suggest(f"next{n}") for n in range(3)] != [
         optuna_trial(restored, f"next{n}").params for n in range(3)
     ]

@@ -159,6 +159,29 @@ class Distribution(BaseModel):
             return list(self.values)
         return [self.low, self.high, self.q] if self.kind == "quniform" else [self.low, self.high]
 
+    def refusal(self, value: Any) -> str | None:
+        """Why this distribution cannot give `value` (as the trial config stores it), or None when it can:
+        what an enqueued configuration must pass for the sampler to hand its value out unchanged."""
+        if self.kind == "choice":
+            # `True == 1` in Python, but a sampler hands out the one it was given.
+            if any(v == value and isinstance(v, bool) == isinstance(value, bool) for v in self.values):
+                return None
+            return f"expected one of the choices ({', '.join(map(str, self.values))}), got {show(value)}"
+        if not _is_number(value):
+            return f"expected a number in [{self.low}, {self.high}], got {show(value)}"
+        if self.kind in ("int", "logint") and not is_integral(value):
+            return f"expected an integer in [{self.low}, {self.high}], got {show(value)}"
+        assert self.low is not None and self.high is not None
+        if not self.low <= value <= self.high:
+            return f"expected a value in [{self.low}, {self.high}] ({self.kind}), got {show(value)}"
+        if (
+            self.kind == "quniform"
+            and self.q is not None
+            and not _divides(self.q, _decimal(value) - _decimal(self.low))
+        ):
+            return f"expected low + a whole number of steps q = {self.q}, got {show(value)}"
+        return None
+
     @model_serializer
     def _to_written_form(self) -> dict[str, Any]:
         written: dict[str, Any] = {self.kind: self.args}

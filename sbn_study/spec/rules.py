@@ -45,7 +45,10 @@ def cross_field_errors(
         # Studies only: the defaults (synthetic data with CIFAR's 5,000-image hold-out) do not fit together,
         # and final-training configs written with them exist; `sbn-study train` refuses those as it loads data.
         errors += (
-            _objective_errors(search) + _budget_errors(search, base) + _dataset_size_errors(base, resolved)
+            _objective_errors(search)
+            + _budget_errors(search, base)
+            + _dataset_size_errors(base, resolved)
+            + _enqueue_errors(search, base, resolved)
         )
     errors += _setting_errors(base, search) + _component_errors(base, space, resolved)
     errors += effect_errors(base, resolved)
@@ -199,6 +202,47 @@ def _objective_errors(search: SearchConfig) -> list[str]:
         errors.append(
             f"search.sampler.type: nsga2 needs a list of two metrics, got search.metric {search.metric!r}"
         )
+    return errors
+
+
+def _enqueue_errors(
+    search: SearchConfig, base: Mapping[str, Any], resolved: Mapping[str, Distribution]
+) -> list[str]:
+    """Each enqueued configuration must be one the sampler could give: searched keys only, values its
+    distributions hold, and no key whose `when` excludes it there (the sampler would never ask for it)."""
+    errors = []
+    if len(search.enqueue) > search.num_samples:
+        errors.append(
+            f"search.enqueue: {len(search.enqueue)} configurations are more than the "
+            f"search.num_samples ({search.num_samples}) trials they are counted in"
+        )
+    for index, entry in enumerate(search.enqueue):
+        refused = set()
+        for key, value in entry.items():
+            where = f"search.enqueue[{index}].{key}"
+            dist = resolved.get(key)
+            if dist is None:
+                listed = ", ".join(resolved) or "none"
+                match = difflib.get_close_matches(key, list(resolved), n=1)
+                hint = f" (did you mean {match[0]}?)" if match else ""
+                errors.append(f"{where}: not a searched key{hint}; searched: {listed}")
+            elif problem := dist.refusal(value):
+                errors.append(f"{where}: {problem}")
+            else:
+                continue
+            refused.add(key)
+        for key in entry.keys() - refused:
+            where = f"search.enqueue[{index}].{key}"
+            for condition, values in resolved[key].when.items():
+                # A condition on a searched key this entry leaves to the sampler may still hold; one on a
+                # refused value has its own line.
+                known = condition in entry or condition not in resolved
+                current = entry.get(condition, base.get(condition))
+                if known and condition not in refused and current not in values:
+                    errors.append(
+                        f"{where}: not sampled where {condition} is {show(current)} (its when: "
+                        f"{condition} in {', '.join(map(str, values))})"
+                    )
     return errors
 
 

@@ -63,6 +63,17 @@ def _absolute_location(location: str | None) -> str | None:
     return _absolute_path(location)
 
 
+def _usable_name(name: str) -> str:
+    """A study's name: it names an MLflow experiment and folders."""
+    if not _NAME.fullmatch(name):
+        raise spec_error(
+            f"expected a letter or digit followed by letters, digits, '_', '.' or '-', got {show(name)}"
+        )
+    if len(name) > NAME_MAX_LENGTH:
+        raise spec_error(f"expected at most {NAME_MAX_LENGTH} characters, got {len(name)}")
+    return name
+
+
 class ResourcesConfig(Strict):
     """What Ray reserves for each trial; fractional GPUs pack several trials onto one GPU."""
 
@@ -73,8 +84,11 @@ class ResourcesConfig(Strict):
 class TrackingConfig(Strict):
     # None = the sqlite store under the run's output folder; --tracking-uri and MLFLOW_TRACKING_URI win.
     uri: PathText | None = None
+    # The database (an SQLAlchemy URL) of the sampler's Optuna study; None = sqlite:///<output>/optuna.db
+    # (`sbn_study.store.uri.resolve_optuna_storage`).
+    optuna_storage: PathText | None = None
 
-    @field_validator("uri")
+    @field_validator("uri", "optuna_storage")
     @classmethod
     def _absolute_uri(cls, uri: str | None) -> str | None:
         if uri is None or uri == "databricks":
@@ -114,6 +128,28 @@ class SearchConfig(Strict):
     sampler: SamplerConfig = SamplerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     space: dict[str, Distribution] = Field(default_factory=dict)
+    # Partial configurations (searched dotted key → value) the sampler hands out first, in this order;
+    # counted in num_samples. Checked against `space` by `rules.enqueue_errors`.
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    # An earlier study (its name) whose finished trials the sampler starts from.
+    warm_start: str | None = None
+
+    @field_validator("enqueue", mode="before")
+    @classmethod
+    def _partial_configurations(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        for entry in value:
+            if not isinstance(entry, dict) or not entry or not all(isinstance(k, str) for k in entry):
+                raise spec_error(
+                    f"expected a list of mappings of searched dotted.key: value, got {show(entry)}"
+                )
+        return [{key: coerce(key, v) for key, v in entry.items()} for entry in value]
+
+    @field_validator("warm_start")
+    @classmethod
+    def _study_name(cls, name: str | None) -> str | None:
+        return None if name is None else _usable_name(name)
 
     @property
     def metrics(self) -> list[str]:
@@ -152,14 +188,7 @@ class StudySpec(TrialConfig):
     @field_validator("name")
     @classmethod
     def _usable_name(cls, name: str) -> str:
-        # It names an MLflow experiment and folders.
-        if not _NAME.fullmatch(name):
-            raise spec_error(
-                f"expected a letter or digit followed by letters, digits, '_', '.' or '-', got {show(name)}"
-            )
-        if len(name) > NAME_MAX_LENGTH:
-            raise spec_error(f"expected at most {NAME_MAX_LENGTH} characters, got {len(name)}")
-        return name
+        return _usable_name(name)
 
     @field_validator("data")
     @classmethod

@@ -25,6 +25,29 @@ def default_tracking_uri(output: Path) -> str:
     return f"sqlite:///{(output / 'mlflow.db').resolve()}"
 
 
+def resolve_optuna_storage(spec_storage: str | None, output: Path, head_storage: str | None = None) -> str:
+    """The database of the sampler's Optuna study: `tracking.optuna_storage`, else sqlite beside the default
+    MLflow store (`<output>/optuna.db`). `head_storage`: Tune's `storage:` when the sampler runs on a Ray
+    Client's head node, where this machine's output folder is not; the default is then a sqlite in it."""
+    where = "tracking.optuna_storage"
+    if spec_storage:
+        if urlsplit(spec_storage).scheme.lower().split("+")[0] not in DATABASE_SCHEMES:
+            raise UserError(
+                f"{where}: Optuna keeps a study in a database ({', '.join(DATABASE_SCHEMES)}; e.g. "
+                f"sqlite:///PATH/optuna.db or postgresql+psycopg://USER@HOST/DB), got {redact_uri(spec_storage)}"
+            )
+        return spec_storage
+    if head_storage is None:
+        return f"sqlite:///{(output / 'optuna.db').resolve()}"
+    if "://" in head_storage:
+        raise UserError(
+            f"{where}: --address ray://… runs the sampler on the cluster's head node, which cannot keep its "
+            f"sqlite database in {redact_uri(head_storage)}: set a database this machine and the head both reach "
+            "(postgresql+psycopg://USER@HOST/DB)"
+        )
+    return f"sqlite:///{Path(head_storage) / 'optuna.db'}"
+
+
 def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None, output: Path) -> str:
     """--tracking-uri, then MLFLOW_TRACKING_URI, then the spec's tracking.uri, then sqlite under the output."""
     for source, uri in (

@@ -23,7 +23,13 @@ from sbn_study.errors import UserError
 from sbn_study.spec import StudySpec
 from sbn_study.store.record import StudyRecord
 from sbn_study.store.runs import KIND_TAG, STATE_FILE_TAG, create_store, ensure_experiment, running_study_runs
-from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri, use_server_credentials
+from sbn_study.store.uri import (
+    check_reachable,
+    redact_uri,
+    resolve_optuna_storage,
+    resolve_tracking_uri,
+    use_server_credentials,
+)
 from sbn_study.store.writer import RecordHandle
 from sbn_study.study import cluster, stopping
 from sbn_study.study.state import (
@@ -92,16 +98,22 @@ class Study:
         self.uri = use_server_credentials(uri)
         # Tune pickles the spec into its state (the trials' parameters, the callbacks), and no trial uses the
         # tracking URI: that copy keeps no credentials.
-        secretless = spec.tracking.uri and redact_uri(spec.tracking.uri)
-        self.spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": secretless})})
+        secretless = {
+            key: value and redact_uri(value)
+            for key, value in (("uri", spec.tracking.uri), ("optuna_storage", spec.tracking.optuna_storage))
+        }
+        self.spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update=secretless)})
         # What defines the trials, for the state: a resume compares its own with it.
         self.trials_spec = spec.model_dump(mode="json", exclude=set(NOT_TRIAL_DEFINING))
         self.state_file = state_path(self.output, spec.name)
         self.unsent_path = unsent_path(self.output, spec.name)
+        head_storage = spec.storage if cluster.is_ray_client(options.address) else None
+        self.optuna_storage = resolve_optuna_storage(spec.tracking.optuna_storage, self.output, head_storage)
         self.previous = self._check_input()
         self._preparing: Future[ImageDataset] | None = None
         self.record: StudyRecord | None = None
         self.state: StudyState | None = None
+        self._warm_start: list[Any] = []  # the earlier study's trials (Optuna's FrozenTrial) its sampler gets
 
     def _check_input(self) -> StudyState | None:
         """Refuses what needs no Ray; returns the state of the execution to resume, if one is asked for."""
@@ -124,21 +136,54 @@ class Study:
             )
         if self.options.resume and unfinished:
             self._check_same_study(state)
+            return state
+        if self.options.resume and state is not None and self._extends(state):
+            return state
         # Without an unfinished state there may still be an execution killed before it saved its state:
         # `prepare` looks for its parent run once the store is open.
-        return state if self.options.resume and unfinished else None
+        return None
 
-    def _check_same_study(self, state: StudyState) -> None:
-        """A resume continues the execution of `state` only with its store and what defines its trials: Tune and
-        the sampler go on from their saved state, and trials of another spec would mix with theirs unseen."""
+    def _extends(self, state: StudyState) -> bool:
+        """Whether `--resume` adds trials to the finished execution of `state`: the same study with a larger
+        `search.num_samples` does, under the same parent run, its sampler keeping its history; the same study
+        does not (nothing to continue); any other change is refused."""
+        started = state.spec if state.spec is not None else _resolved_spec(self.uri, state.parent_run_id)
+        if started is None or not changed_keys(started, self.trials_spec):
+            return False
+        self._check_same_study(state, extending=True)
+        before, now = started["search"]["num_samples"], self.spec.search.num_samples
+        if now <= before:
+            raise UserError(
+                f"--resume: study '{self.spec.name}' finished with search.num_samples {before}: a larger "
+                f"one adds trials to it, got {now}"
+            )
+        return True
+
+    def _check_same_study(self, state: StudyState, extending: bool = False) -> None:
+        """A resume continues the execution of `state` only with its stores and what defines its trials: Tune
+        and the sampler go on from their saved state, and trials of another spec would mix with theirs unseen.
+        `extending` (a finished execution) allows a change of `search.num_samples`."""
         name, uri = self.spec.name, redact_uri(self.uri)
         if state.tracking_uri != uri:
             raise UserError(
                 f"--resume: study '{name}' is recorded in {state.tracking_uri}, not in {uri}: resume it with "
                 f"--tracking-uri {state.tracking_uri}"
             )
+        optuna_storage = redact_uri(self.optuna_storage)
+        if state.optuna_storage is not None and state.optuna_storage != optuna_storage:
+            raise UserError(
+                f"--resume: study '{name}' keeps its sampler's trials in {state.optuna_storage}, not in "
+                f"{optuna_storage}: resume it with --set tracking.optuna_storage={state.optuna_storage}"
+            )
         started = state.spec if state.spec is not None else _resolved_spec(self.uri, state.parent_run_id)
-        if started is not None and (keys := changed_keys(started, self.trials_spec)):
+        keys = changed_keys(started, self.trials_spec) if started is not None else []
+        if extending and (other := [key for key in keys if key != "search.num_samples"]):
+            raise UserError(
+                f"--resume: study '{name}' finished; a larger search.num_samples adds trials to it, but the "
+                f"spec differs from the one it ran with in {', '.join(other)} too: run the new one as another "
+                "study (its own name)"
+            )
+        if not extending and keys:
             raise UserError(
                 f"--resume: the spec differs from the one study '{name}' started with in {', '.join(keys)}; "
                 "resume with the same spec and --set overrides, or run the new one as another study (its own "
@@ -190,10 +235,16 @@ class Study:
         preparing = self._preparing
         dataset = preparing.result() if preparing else _open_store_and_load(self.uri, self.spec)
         previous = self.previous or self._killed_before_its_state()
+        if self.spec.search.warm_start and (previous is None or previous.status != "finished"):
+            from sbn_study.tune.search import warm_start_trials
+
+            self._warm_start = warm_start_trials(self.optuna_storage, self.spec)
         # Only now, with every check passed: a refused study leaves no experiment behind.
         experiment_id = ensure_experiment(self.uri, self.spec.name, self.output / "artifacts")
         if previous is None:
             self._start(experiment_id)
+        elif previous.status == "finished":
+            self._extend(previous)
         elif self._resume(previous):
             from ray import tune
 
@@ -230,6 +281,8 @@ class Study:
             tune_path=self._tune_path(run.run_name),
             tracking_uri=redact_uri(self.uri),
             spec=self.trials_spec,
+            optuna_storage=redact_uri(self.optuna_storage),
+            optuna_study=run.run_name,
         )
 
     def _tune_path(self, run_name: str) -> str:
@@ -249,10 +302,36 @@ class Study:
             tune_path=self._tune_path(run_name),
             tracking_uri=redact_uri(self.uri),
             spec=self.trials_spec,
+            optuna_storage=redact_uri(self.optuna_storage),
+            optuna_study=run_name,
         )
         self.state.save(self.state_file)
         self.record.log_artifacts(study_artifacts(self.spec, self.spec_text))
         cluster.where_tune_runs(ready_tune_path, self.state.tune_path)
+
+    def _extend(self, state: StudyState) -> None:
+        """Reopens the record of the finished execution of `state` for the trials a larger `num_samples` adds:
+        a new Tune experiment of only those, under the same parent run, sampled by the same Optuna study."""
+        handle = RecordHandle(self.uri, state.experiment_id, state.parent_run_id, self.unsent_path)
+        self.record = StudyRecord.resume(handle)
+        self.state = state
+        state.earlier_trials = sorted(self.record.trial_statuses())
+        state.status, state.spec = "running", self.trials_spec
+        # Its own Tune folder: Tune's saved state of the finished one holds its number of samples.
+        state.tune_path = self._tune_path(f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        state.optuna_storage = redact_uri(self.optuna_storage)
+        state.save(self.state_file)
+        self.record.log_artifacts(study_artifacts(self.spec, self.spec_text))
+        cluster.where_tune_runs(ready_tune_path, state.tune_path)
+        print(
+            f"sbn-study: study '{self.spec.name}' has {len(state.earlier_trials)} trials; "
+            f"{self._trials_to_run()} more are sampled with their history"
+        )
+
+    def _trials_to_run(self) -> int:
+        """This execution's Tune trials: `num_samples` but the trials of the executions it extends."""
+        assert self.state is not None
+        return self.spec.search.num_samples - len(self.state.earlier_trials or ())
 
     def _resume(self, state: StudyState) -> bool:
         """Reopens the record of `state`; True when Tune saved a state to restore."""
@@ -265,8 +344,10 @@ class Study:
         self.record.log_artifacts(study_artifacts(self.spec, self.spec_text))
         saved = cluster.where_tune_runs(ready_tune_path, state.tune_path)
         # Tune and the sampler resume from their saved state, which does not know the trials a killed driver
-        # started after it, and sample replacements: those trials' runs would stay beside them.
-        if dropped := self.record.drop_trials_except(saved or set()):
+        # started after it, and sample replacements: those trials' runs would stay beside them. The trials of
+        # the executions an extension adds to are not Tune's to know.
+        known = (saved or set()) | set(state.earlier_trials or ())
+        if dropped := self.record.drop_trials_except(known):
             print(f"sbn-study: {dropped} trial(s) started after the last saved state will be sampled again")
         if saved is None:
             print("sbn-study: the study stopped before Tune saved its first state; it starts over")
@@ -293,16 +374,19 @@ class Study:
         assert self.record is not None and self.state is not None
         spec = self.spec
         storage, name = self.state.tune_storage_and_name
+        earlier = len(self.state.earlier_trials or ())
         callbacks = [
-            TrackingCallback(spec, self.record.handle),
+            TrackingCallback(spec, self.record.handle, earlier),
             ProgressTable(spec, self.options.progress_interval_s),
         ]
+        # The study's name in Optuna: the parent run's, which an extension keeps.
+        optuna_study = self.state.optuna_study or name
         return tune.Tuner(
             self._trainable(dataset),
             tune_config=tune.TuneConfig(
-                search_alg=StudySearch(spec),
+                search_alg=StudySearch(spec, self.optuna_storage, optuna_study, self._warm_start),
                 scheduler=make_scheduler(spec),
-                num_samples=spec.search.num_samples,
+                num_samples=self._trials_to_run(),
                 max_concurrent_trials=spec.search.max_concurrent,
                 # Trials reuse worker processes: no second torch import and start-up gap per trial.
                 reuse_actors=True,
@@ -325,10 +409,7 @@ class Study:
             results = tuner.fit()
         pause_point("study-trained")
         # Tune's own view decides whether the study ended, so that an unreachable tracking server cannot.
-        return (
-            results is not None
-            and results.num_terminated + results.num_errors >= self.spec.search.num_samples
-        )
+        return results is not None and results.num_terminated + results.num_errors >= self._trials_to_run()
 
     def finish(self, ended: bool) -> StudyOutcome:
         """Closes the record (trial runs still open end as killed), reads the trials back, saves the state."""

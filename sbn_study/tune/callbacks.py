@@ -42,9 +42,10 @@ class TrackingCallback(Callback):
     """Opens (or, after a resume, finds again) one nested MLflow run per trial and logs each result in one
     batch; describes the study on its parent run and logs its progress there each time a trial ends."""
 
-    def __init__(self, spec: StudySpec, record: RecordHandle) -> None:
+    def __init__(self, spec: StudySpec, record: RecordHandle, earlier: int = 0) -> None:
         self.spec = spec
         self.record = record
+        self.earlier = earlier  # trials of the executions this one extends: the first run is t{earlier + 1}
         self._writer: RunWriter | None = None
         self._node_tagged: set[str] = set()
         # Last epoch recorded per trial: a trial restarted from its checkpoint may repeat epochs that were
@@ -82,7 +83,7 @@ class TrackingCallback(Callback):
         searched = ",".join(sorted(trial.config))
         self.writer.trial_run(
             trial.trial_id,
-            run_name=run_name(trial, config["norm"], self.spec.search.num_samples),
+            run_name=run_name(trial, config["norm"], self.spec.search.num_samples, self.earlier),
             params=flatten(config),
             config_yaml=yaml.safe_dump(config, sort_keys=False),
             tags={"sbn.study": self.spec.name, "sbn.searched": searched},
@@ -142,7 +143,9 @@ class TrackingCallback(Callback):
         ended = {i: trial_state(t, budget) for i, t in trials.items() if i not in self._ended} | self._ended
         ended = {i: state for i, state in ended.items() if state in ENDED_STATUSES}
         metrics = {trials_with_status(s): sum(state == s for state in ended.values()) for s in ENDED_STATUSES}
-        metrics[TRIALS_FINISHED] = len(ended)
+        # An extension's trials follow the earlier ones on the chart (their counts by status and best value
+        # are this execution's).
+        metrics[TRIALS_FINISHED] = self.earlier + len(ended)
         bests = [
             trial.metric_analysis[metric][mode]
             for i, trial in trials.items()
@@ -150,7 +153,7 @@ class TrackingCallback(Callback):
         ]
         if bests:
             metrics[best_so_far(metric)] = max(bests) if mode == "max" else min(bests)
-        self.writer.log_parent_metrics(metrics, step=len(ended))
+        self.writer.log_parent_metrics(metrics, step=metrics[TRIALS_FINISHED])
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.writer.flush(deadline_s=END_WAIT_S)
@@ -227,10 +230,11 @@ def sampled_values(config: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
     )
 
 
-def run_name(trial: Any, norm: dict[str, Any], num_samples: int) -> str:
-    """A trial run's name: its number in the study (Tune's tag starts with it), its arm in the paper's
-    notation and the values sampled for it, e.g. `t07 sbn23 lr=0.107 momentum=0.125`."""
-    number = trial.experiment_tag.split("_", 1)[0]
+def run_name(trial: Any, norm: dict[str, Any], num_samples: int, earlier: int = 0) -> str:
+    """A trial run's name: its number in the study (Tune's tag starts with its number in the Tune experiment,
+    which follows the `earlier` trials of the executions it extends), its arm in the paper's notation and the
+    values sampled for it, e.g. `t07 sbn23 lr=0.107 momentum=0.125`."""
+    number = str(int(trial.experiment_tag.split("_", 1)[0]) + earlier)
     arm = arm_label(norm["kind"], norm["placement"])
     values = sampled_values(trial.config, skip=("norm.kind", "norm.placement"))
     name = f"t{number.zfill(len(str(num_samples)))} {arm} {values}".rstrip()
