@@ -12,27 +12,18 @@ from sbn_study.final.arms import ArmRequest, plan_arms
 from sbn_study.final.batch_sizes import sweep
 from sbn_study.results.export import FinalConfig
 from sbn_study.results.stats import t_interval
-from sbn_study.spec.config import TrialConfig
+from sbn_study.spec.config import NormConfig
 from tests.test_export_train import run_cli
+from tests.test_train import tiny_config
 
 # A norm that needs 4 images per batch: at batch size 2 every run of it fails, as BN does on a lone value.
 GHOST = "tests.custom_norm_module:GhostBatchNorm2d"
 
 
 def write_config(folder: Path, kind: str = GHOST) -> Path:
-    config = TrialConfig.model_validate(
-        {
-            "data": {
-                "dataset": "synthetic",
-                "val_size": 64,
-                "synthetic": {"train_size": 320, "test_size": 64},
-            },
-            "model": {"arch": "tiny", "width": 4},
-            "norm": {"kind": kind, "placement": "all"},
-            "train": {"epochs": 1, "batch_size": 16, "lr": 0.08, "schedule": "cosine"},
-            "features": {"enabled": False},
-        }
-    )
+    config = tiny_config(epochs=1, batch_size=16, lr=0.08)
+    config.norm = NormConfig(kind=kind, placement="all")
+    config.features.enabled = False
     path = folder / "small.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     return path
@@ -63,8 +54,8 @@ def write_config(folder: Path, kind: str = GHOST) -> Path:
             "error: --lr-scaling: it scales the lr with --batch-sizes, which is not given",
         ),
         (
-            ["--batch-sizes", "2,512"],
-            "error: --batch-sizes 512: larger than the 256 training images left after data.val_size",
+            ["--batch-sizes", "2,2048"],
+            "error: --batch-sizes 2048: larger than the 1024 training images left after data.val_size",
         ),
     ],
 )
@@ -102,8 +93,8 @@ def test_every_arm_is_planned_at_every_batch_size_with_its_lr_scaled_from_the_co
     assert linear.plan.labels["cbn-b8"] == "cbn-all-b8" and linear.plan.labels["bn-b2"] == "bn-b2"
     same = sweep(plan, (2, 32), "none")
     assert {arm.train.lr for arm in same.plan.arms.values()} == {0.08}
-    with pytest.raises(UserError, match="--batch-sizes 300: larger than the 256 training images"):
-        sweep(plan, (2, 300), "linear")
+    with pytest.raises(UserError, match="--batch-sizes 1025: larger than the 1024 training images"):
+        sweep(plan, (2, 1025), "linear")
 
 
 @pytest.mark.slow
