@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -19,6 +20,7 @@ from sbn_study.results.analysis import trials
 from sbn_study.spec.config import DOMAINS
 from sbn_study.trial.featstats import LOGIT_NORM, MECHANISM_STATS
 from tests.conftest import FinishedStudy, run_small_study
+from tests.test_robustness_e2e import Trained, train_quickstart
 
 pytestmark = pytest.mark.slow
 
@@ -282,3 +284,25 @@ def test_domains_compares_the_methods_per_target_and_shows_bnes_embeddings(
         [f"target {t}: W2 distances" for t in targets] if completed_bne else []
     )
     assert any("no compared BNE trial" in o.get("text", "") for o in dashboard.outputs) == (not completed_bne)
+
+
+@pytest.fixture(scope="module")
+def final_training(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    return train_quickstart(tmp_path_factory.mktemp("final-training"))
+
+
+def test_robustness_draws_heat_maps_filters_corruption_curves_and_reliability_per_arm(
+    final_training: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sbn_study.evaluate.corruptions import CORRUPTIONS
+
+    # A final training reads as its study's: the dashboard takes SBN_STUDY and opens "<study>-final".
+    source = SimpleNamespace(tracking_uri=final_training.uri, spec=SimpleNamespace(name="quickstart"))
+    dashboard = run_dashboard("robustness", source, monkeypatch)  # type: ignore[arg-type]
+    titles = [ax["title"] for ax in dashboard.axes if ax["shown"]]
+    # One heat map and one reliability diagram per arm, each over the arm's two seeds.
+    assert [t for t in titles if t.endswith("(n=2)")] == ["sbn23 (n=2)", "bn (n=2)"]
+    assert [t for t in titles if t.endswith("seeds)")] == ["sbn23 (n=2 seeds)", "bn (n=2 seeds)"]
+    assert {"low-pass filtered inputs", "high-pass filtered inputs"} <= set(titles)
+    assert {*CORRUPTIONS, "mean over corruptions"} <= set(titles)
+    assert any("| mean corruption error | bn |" in o.get("text", "") for o in dashboard.outputs)

@@ -71,11 +71,10 @@ class Trained:
     uri: str
 
 
-@pytest.fixture(scope="module")
-def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+def train_quickstart(folder: Path) -> Trained:
+    """`train --arms bn` on 2 seeds of the quick start's configuration, cut small, with every suite."""
     from mlflow.tracking import MlflowClient
 
-    folder = tmp_path_factory.mktemp("robustness")
     config = folder / "quickstart.yaml"
     config.write_text(yaml.safe_dump(load_spec(QUICKSTART, SMALL).base_config().model_dump(mode="json")))
     output = folder / "out"
@@ -91,8 +90,8 @@ def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Trai
             "0,1",
             "--output",
             str(output),
+            *FOURIER,
         ]
-        + FOURIER
     )
     assert code == 0
     uri = f"sqlite:///{output / 'mlflow.db'}"
@@ -104,6 +103,11 @@ def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Trai
     }
     parent = next(r for r in runs if "sbn.seed" not in r.data.tags)
     return Trained(output, seeds, parent, uri)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    return train_quickstart(tmp_path_factory.mktemp("robustness"))
 
 
 @pytest.mark.slow

@@ -170,6 +170,9 @@ def model_from_checkpoint(
 
 def write_files(evaluation: Evaluation, folder: Path, title: str) -> list[Path]:
     """The heat map (CSV and PNG) and the reliability table of `evaluation` in `folder`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no window, whatever display the driver has
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -191,10 +194,8 @@ def write_files(evaluation: Evaluation, folder: Path, title: str) -> list[Path]:
 
 
 def heat_map_figure(maps: Mapping[str, torch.Tensor], columns: int = 4) -> Any:
-    """Centred Fourier heat maps side by side on one colour scale, each cut to the frequencies it measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Centred Fourier heat maps side by side on one colour scale, each cut to the frequencies it measured
+    (what the seeds' files hold, and what `dashboards/robustness.ipynb` draws)."""
     import matplotlib.pyplot as plt
 
     count = len(maps)
