@@ -14,7 +14,9 @@ import yaml
 from sbn_study import cli
 from sbn_study.final.comparison import suite_table
 from sbn_study.final.evaluation import COMPARED, compare_suites
+from sbn_study.final.render import render_comparison, render_summary
 from sbn_study.spec.loader import load_spec
+from tests.test_final_render import exported_plan, final_outcome, seed
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
 # The quick start's configuration, cut to what a test can afford: a few hundred images (and one epoch, set
@@ -58,6 +60,26 @@ def test_suite_figures_are_compared_per_seed_and_a_seed_without_one_counts_as_fa
     assert table[0].startswith("| figure | arm | completed |")
     assert table[2].startswith("| mean corruption error | sbn23 (config) | 3/3 | 0 | 0 | 0.4000 ± 0.1000 |")
     assert table[5].startswith("| ECE | bn | 2/3 | 1 | 0 |") and "(n=2)" in table[5]
+
+
+def test_the_summary_and_comparison_md_carry_the_suites_table_only_when_suites_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = (seed("config", 0, suites={"robust/mce": 0.5}), seed("bn", 0, suites={"robust/mce": 0.4}))
+    suites = compare_suites([(r.arm, r.seed, r.status, r.suites) for r in results], "config")
+    plan = exported_plan(monkeypatch, "bn")
+    for compared in ({}, suites):
+        outcome = final_outcome(tmp_path, results, suites=compared)
+        summary = render_summary(outcome).splitlines()
+        markdown = render_comparison(outcome.arms, outcome.differences, plan, compared)
+        rows = [
+            line for line in (*summary, *markdown.splitlines()) if line.startswith("| mean corruption error")
+        ]
+        # Printed and written: the config's row and bn's, whose Δ is 0.4 − 0.5.
+        assert len(rows) == (4 if compared else 0)
+        assert (
+            not compared or "| mean corruption error | bn | 1/1 | 0 | 0 | 0.4000 ± – | -0.1000 |" in rows[1]
+        )
 
 
 # --- train and evaluate on the quick start's configuration ----------------------------------------------

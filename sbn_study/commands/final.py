@@ -22,7 +22,8 @@ def _add_train(subparsers: Subparsers) -> None:
         description="Train a final-training config (what `sbn-study export` writes) on several seeds in "
         "parallel as Ray tasks, keep each seed's best-validation checkpoint and evaluate it once on the test "
         "split; with --arms also train other norms at its sites on the same seeds and compare each with it "
-        "(paired t intervals, Holm-corrected p; Markdown, LaTeX, forest plot; in MLflow too).",
+        "(paired t intervals, Holm-corrected p; Markdown, LaTeX, forest plot; in MLflow too). Each tested "
+        "checkpoint is kept and goes through the evaluation suites (--suites), compared across arms the same way.",
     )
     parser.add_argument(
         "config", help="final-training config (YAML), e.g. sbn-runs/exports/STUDY-top1-ID.yaml"

@@ -65,9 +65,8 @@ class FinalOptions:
     address: str | None = None
     cpus_per_seed: float = 1.0
     gpus_per_seed: float | None = None  # None = 1 when the Ray cluster has GPUs, else 0
-    evaluation: EvaluationOptions = field(
-        default_factory=EvaluationOptions
-    )  # the suites each tested checkpoint goes through
+    # The suites each tested checkpoint goes through.
+    evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
 
 
 @dataclass(frozen=True)
