@@ -5,6 +5,10 @@ clusters: the session-wide local Ray of the other tests (tests/conftest.py `ray_
 and teardown kills exactly the process trees started here, by pid (never `ray stop`, which would end every
 Ray on the machine).
 
+`postgres` starts a throwaway PostgreSQL cluster (initdb, pg_ctl: Debian's `postgresql` package, never the
+system service) in a temp folder, on a loopback port with a random password that only the environment
+(PGPASSWORD) carries: the backend of the MLflow server and the Optuna storage in the cluster tests.
+
 Run as a script, `python tests/servers.py nodes ADDRESS N TIMEOUT_S` prints the alive nodes of a cluster as
 JSON once it has N of them (the test process must not `ray.init` into a second cluster itself).
 """
@@ -76,14 +80,129 @@ def kill_tree(process: subprocess.Popen | None, sig: int = signal.SIGKILL, grace
     psutil.wait_procs(descendants, timeout=grace_s)
 
 
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL could be started here; the message says why."""
+
+
+# Set where PostgreSQL must be there (CI installs it): a missing one then fails the tests instead of skipping.
+REQUIRE_POSTGRES_ENV = "SBN_REQUIRE_POSTGRES"
+
+
+def _postgres_bin() -> Path:
+    """The folder of Debian's PostgreSQL binaries (the newest version), else of those on PATH."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if versions:
+        return versions[-1].parent
+    found = shutil.which("initdb")
+    if found is None:
+        raise PostgresUnavailable(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb, no initdb on PATH): "
+            "apt-get install postgresql"
+        )
+    return Path(found).parent
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL cluster of its own in a temp folder, on a loopback port (no Unix socket), with one
+    password-protected superuser and a database per `databases`. As root it runs as `nobody`, since initdb and
+    postgres refuse to run as root."""
+
+    databases: tuple[str, ...] = ("mlflow", "optuna")
+    user: str = "sbn"
+    port: int = field(default_factory=free_port)
+    password: str = field(default_factory=lambda: secrets.token_hex(16))
+    root: Path | None = None
+
+    def url(self, database: str) -> str:
+        """The SQLAlchemy URL of `database` (psycopg 3), without the password: libpq reads PGPASSWORD."""
+        return f"postgresql+psycopg://{self.user}@{HOST}:{self.port}/{database}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PGPASSWORD": self.password}
+
+    def _run(self, *command: str | Path, timeout_s: float = 120.0) -> None:
+        as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        result = subprocess.run(
+            [*as_user, *map(str, command)],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=self.root,
+        )
+        if result.returncode != 0:
+            raise PostgresUnavailable(
+                f"{Path(command[0]).name} failed: {(result.stderr or result.stdout)[-2000:]}"
+            )
+
+    def start(self) -> None:
+        binaries = _postgres_bin()
+        # Not pytest's tmp_path: its parents are closed to the unprivileged user the server runs as.
+        self.root = Path(tempfile.mkdtemp(prefix="sbn-pg-"))
+        if os.geteuid() == 0:
+            if shutil.which("runuser") is None:
+                raise PostgresUnavailable("running as root and runuser is missing: initdb refuses root")
+            shutil.chown(self.root, "nobody")
+        password_file = self.root / "password"
+        password_file.write_text(self.password)
+        if os.geteuid() == 0:
+            shutil.chown(password_file, "nobody")
+        data = self.root / "data"
+        self._run(
+            binaries / "initdb",
+            "-D",
+            data,
+            "-U",
+            self.user,
+            "--auth=scram-sha-256",
+            f"--pwfile={password_file}",
+            "--no-sync",
+        )
+        password_file.unlink()
+        options = f"-p {self.port} -c listen_addresses={HOST} -c unix_socket_directories='' -c fsync=off"
+        self._run(
+            binaries / "pg_ctl", "-D", data, "-o", options, "-l", self.root / "server.log", "-w", "start"
+        )
+        for database in self.databases:
+            self._run(binaries / "createdb", "-h", HOST, "-p", str(self.port), "-U", self.user, database)
+
+    def stop(self) -> None:
+        if self.root is None:
+            return
+        data = self.root / "data"
+        if (data / "postmaster.pid").exists():
+            with contextlib.suppress(PostgresUnavailable, subprocess.TimeoutExpired):
+                self._run(
+                    _postgres_bin() / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop", timeout_s=60
+                )
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root = None
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[PostgresServer]:
+    """A started PostgresServer, removed afterwards; PostgresUnavailable (with the reason) if none starts."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 @dataclass
 class MlflowServer:
-    """`mlflow server` on a loopback port over a sqlite store in `root`; stop() and start() keep both."""
+    """`mlflow server` on a loopback port over a store in `root` (sqlite there, or `backend_uri` with the
+    variables in `env`, e.g. a PostgresServer's database); stop() and start() keep both."""
 
     root: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     starts: int = 0
+    backend_uri: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -102,6 +221,7 @@ class MlflowServer:
             # The job runner and its huey consumers are seven more processes and seconds of start-up,
             # for a feature a study never uses.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **self.env,
         }
         command = [
             sys.executable,
@@ -109,7 +229,7 @@ class MlflowServer:
             "mlflow",
             "server",
             "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
+            self.backend_uri or f"sqlite:///{self.root / 'mlflow.db'}",
             "--artifacts-destination",
             str(self.root / "artifacts"),
             "--host",

@@ -10,17 +10,28 @@ with MlflowClient. See tests/servers.py.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import run_command, tune_trial_state
-from tests.servers import MlflowServer, RayCluster, cluster_env, kill_tree, mlflow_server
+from tests.servers import (
+    REQUIRE_POSTGRES_ENV,
+    MlflowServer,
+    PostgresServer,
+    PostgresUnavailable,
+    RayCluster,
+    cluster_env,
+    kill_tree,
+    mlflow_server,
+    postgres,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -120,10 +131,46 @@ def assert_one_ended_run_per_trial(uri: str, experiment: str, trials: int, epoch
     return runs
 
 
-def start_servers(tmp_path: Path) -> tuple[MlflowServer, RayCluster]:
-    """Starts the MLflow server's slow import while the Ray nodes come up."""
-    server = MlflowServer(tmp_path / "mlflow")
+@pytest.fixture
+def database() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL, the production setup's database server; skipped where none can start, but
+    not where it must (CI sets SBN_REQUIRE_POSTGRES)."""
+    try:
+        with postgres() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        if os.environ.get(REQUIRE_POSTGRES_ENV):
+            raise
+        pytest.skip(f"no PostgreSQL for the cluster test's MLflow server: {exc}")
+
+
+def assert_optuna_agrees(storage: str, name: str, runs: list) -> None:
+    """The study's Optuna study in `storage` holds one finished trial per MLflow trial run, with its values."""
+    import optuna
+
+    from sbn_study.tune.search import STUDY_ATTR, TUNE_TRIAL_ID_ATTR
+
+    (summary,) = [s for s in optuna.get_all_study_summaries(storage) if s.user_attrs.get(STUDY_ATTR) == name]
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    by_run = {r.data.tags["sbn.trial_id"]: r for r in runs}
+    assert sorted(t.user_attrs[TUNE_TRIAL_ID_ATTR] for t in trials) == sorted(by_run)
+    for trial in trials:
+        run = by_run[trial.user_attrs[TUNE_TRIAL_ID_ATTR]]
+        assert trial.state.is_finished() and trial.intermediate_values, trial
+        assert trial.params == {k: type(v)(run.data.params[k]) for k, v in trial.params.items()}
+
+
+def start_servers(tmp_path: Path, database: PostgresServer | None = None) -> tuple[MlflowServer, RayCluster]:
+    """Starts the MLflow server's slow import while the Ray nodes come up. With `database`, the server keeps
+    its runs there and every node's environment holds its password (the sampler runs on the head under
+    ray://)."""
+    if database is None:
+        server = MlflowServer(tmp_path / "mlflow")
+    else:
+        server = MlflowServer(tmp_path / "mlflow", backend_uri=database.url("mlflow"), env=database.env)
     cluster = RayCluster(tmp_path / "ray")
+    if database is not None:
+        cluster.env.update(database.env)
     try:
         server.start(wait=False)
         cluster.start_head()
@@ -136,8 +183,10 @@ def start_servers(tmp_path: Path) -> tuple[MlflowServer, RayCluster]:
     return server, cluster
 
 
-def test_two_nodes_run_one_study_tracked_on_an_mlflow_server(tmp_path: Path) -> None:
-    server, cluster = start_servers(tmp_path)
+def test_two_nodes_run_one_study_tracked_on_an_mlflow_server(
+    tmp_path: Path, database: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, cluster = start_servers(tmp_path, database)
     try:
         nodes = cluster.nodes(2)
         # Both nodes write results that only the driver sees; a sqlite file on the head is refused up front.
@@ -155,9 +204,18 @@ def test_two_nodes_run_one_study_tracked_on_an_mlflow_server(tmp_path: Path) -> 
         assert time.monotonic() - started < 60
         assert not list((tmp_path / "local-store").glob("ray/*")), "trials started before the refusal"
 
-        overrides = ["search.num_samples=4", "train.epochs=2", "resources.cpu=1", "search.max_concurrent=2"]
+        overrides = [
+            "search.num_samples=4",
+            "train.epochs=2",
+            "resources.cpu=1",
+            "search.max_concurrent=2",
+            # The sampler's study in the same database server as MLflow's runs.
+            f"tracking.optuna_storage={database.url('optuna')}",
+        ]
         run_to_the_end(cluster, cluster.address, tmp_path / "out", "cluster-e2e", overrides, server.uri)
         runs = assert_one_ended_run_per_trial(server.uri, "cluster-e2e", trials=4, epochs=2)
+        monkeypatch.setenv("PGPASSWORD", database.password)
+        assert_optuna_agrees(database.url("optuna"), "cluster-e2e", runs)
         # Each node has 1 CPU and a trial takes 1: the two concurrent trials ran on different nodes.
         assert {r.data.tags["sbn.node"] for r in runs} == {n["node_id"] for n in nodes}
 
@@ -185,6 +243,7 @@ def test_two_nodes_run_one_study_tracked_on_an_mlflow_server(tmp_path: Path) -> 
         assert "4 trials: " in output, output[-4000:]
         runs = assert_one_ended_run_per_trial(server.uri, "client-e2e", trials=4, epochs=2)
         assert {r.data.tags["sbn.node"] for r in runs} == {n["node_id"] for n in nodes}
+        assert_optuna_agrees(database.url("optuna"), "client-e2e", runs)
         assert all("val_loss" in r.data.metrics and "train_loss" in r.data.metrics for r in runs)
         assert list(storage.glob("client-e2e-*/experiment_state-*.json"))
         # Tune's settings reached the head: its CSV/JSON loggers stayed off.
