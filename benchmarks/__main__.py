@@ -27,6 +27,7 @@ ORDER = (
     "gpu_share",
     "data",
     "feature_stats",
+    "probe",
     "robustness",
     "tracking",
     "checkpoint",
