@@ -173,7 +173,12 @@ def test_resume_with_nothing_recorded_starts_and_after_a_finished_execution_refu
     assert study(output, resume=True)._killed_before_its_state() is None
     assert "nothing of study 'e2e-small' was recorded" in capsys.readouterr().out
 
-    finished = StudyState("finished", "0123abcd", "1", str(output / "ray" / "x"), "sqlite:///x")
+    # A finished execution of the same spec: `--resume` has nothing to continue (a larger num_samples would
+    # extend it, tests/test_search.py).
+    same = study(output, resume=False)
+    finished = StudyState(
+        "finished", "0123abcd", "1", str(output / "ray" / "x"), same.uri, spec=same.trials_spec
+    )
     finished.save(state_path(output, "e2e-small"))
     with pytest.raises(UserError, match="--resume: study 'e2e-small' has no unfinished run"):
         study(output, resume=True)._killed_before_its_state()
