@@ -71,12 +71,12 @@ def _epochs(count: int) -> str:
 
 
 def _cell_key(arm: str, batch_size: int) -> str:
-    """The swept plan's arm of `arm` at `batch_size`."""
+    """The swept plan's arm (and label) of `arm` at `batch_size`."""
     return f"{arm}-b{batch_size}"
 
 
 def sweep(plan: ArmPlan, batch_sizes: Sequence[int], lr_scaling: str) -> Sweep:
-    """Every arm of `plan` at every batch size, each checked as a configuration file is."""
+    """Every arm of `plan` at every batch size; UserError when one is larger than the training images."""
     reference = plan.config.train.batch_size
     arms: dict[str, TrialConfig] = {}
     labels: dict[str, str] = {}
@@ -87,7 +87,7 @@ def sweep(plan: ArmPlan, batch_sizes: Sequence[int], lr_scaling: str) -> Sweep:
             lr = config.train.lr * b / reference if lr_scaling == "linear" else config.train.lr
             key = _cell_key(arm, b)
             arms[key] = _at_batch_size(config, b, lr)
-            labels[key] = f"{plan.labels[arm]}-b{b}"
+            labels[key] = _cell_key(plan.labels[arm], b)
             tags[key] = {"sbn.arm": arm, "sbn.batch_size": str(b), "sbn.lr_scaling": lr_scaling}
     swept = dataclasses.replace(plan, arms=arms, labels=labels, run_tags=tags)
     return Sweep(base=plan, plan=swept, batch_sizes=ordered, lr_scaling=lr_scaling)
