@@ -195,13 +195,28 @@ def write_files(evaluation: Evaluation, folder: Path, title: str) -> list[Path]:
 
 def heat_map_figure(maps: Mapping[str, torch.Tensor], columns: int = 4) -> Any:
     """Centred Fourier heat maps side by side on one colour scale, each cut to the frequencies it measured
-    (what the seeds' files hold, and what `dashboards/robustness.ipynb` draws)."""
+    (what the seeds' files hold, and what `dashboards/robustness.ipynb` draws).
+
+    The scale spans the errors measured, and ends at the largest away from the constant: a constant perturbation shifts each channel's
+    colour as a whole, often costs far more than any pattern, and would leave the rest of the map one colour;
+    the constant then shows the top colour (the colour bar's arrow) whatever its error.
+    """
     import matplotlib.pyplot as plt
 
     count = len(maps)
     rows, cols = math.ceil(count / columns), min(count, columns)
-    figure, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.0 * rows), squeeze=False)
-    top = max(float(m[~m.isnan()].max()) for m in maps.values())
+    figure, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols + 1.0, 3.2 * rows), squeeze=False, layout="constrained"
+    )
+
+    def patterns(heat: torch.Tensor) -> torch.Tensor:
+        heat = heat.clone()
+        heat[heat.shape[0] // 2, heat.shape[1] // 2] = math.nan  # the constant, centred by fftshift
+        return heat[~heat.isnan()]
+
+    every = [float(m[~m.isnan()].max()) for m in maps.values()]  # a grid so coarse it measured no pattern
+    top = max((float(patterns(m).max()) for m in maps.values() if patterns(m).numel()), default=max(every))
+    bottom = min(float(m[~m.isnan()].min()) for m in maps.values())
     image = None
     for ax, (title, heat) in zip(axes.flat, maps.items(), strict=False):
         rows_kept = (~heat.isnan()).any(1).nonzero().squeeze(1)
@@ -209,7 +224,7 @@ def heat_map_figure(maps: Mapping[str, torch.Tensor], columns: int = 4) -> Any:
         shown = heat[rows_kept][:, cols_kept]
         # fftshift put frequency 0 at index H//2: an index's frequency is its offset from there.
         freq_h, freq_w = (rows_kept - heat.shape[0] // 2).tolist(), (cols_kept - heat.shape[1] // 2).tolist()
-        image = ax.imshow(shown.numpy(), cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
+        image = ax.imshow(shown.numpy(), cmap="viridis", vmin=bottom, vmax=top, interpolation="nearest")
         step = max(1, len(freq_w) // 4)
         ax.set_xticks(range(0, len(freq_w), step), [str(f) for f in freq_w[::step]])
         ax.set_yticks(range(0, len(freq_h), step), [str(f) for f in freq_h[::step]])
@@ -218,7 +233,7 @@ def heat_map_figure(maps: Mapping[str, torch.Tensor], columns: int = 4) -> Any:
         ax.set_ylabel("f_h")
     for ax in list(axes.flat)[count:]:
         ax.set_axis_off()
-    figure.colorbar(image, ax=axes.ravel().tolist(), label="top-1 error under the perturbation")
+    figure.colorbar(image, ax=axes.ravel().tolist(), label="top-1 error under the perturbation", extend="max")
     return figure
 
 
