@@ -97,6 +97,14 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's, Tune's, Optuna's and MLflow's own lines (hidden by default)",
+    )
+
+
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """The study to read back, and where its MLflow store is; shared by report and export."""
     parser.add_argument("study", help="study name (the spec's `name`, the MLflow experiment)")

@@ -64,6 +64,7 @@ def _add_run(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--num-cpus", type=arguments.integer(1), metavar="N", help="CPUs of the local Ray (default: all)"
     )
+    common.add_verbose(parser)
     parser.set_defaults(handler=_run)
 
 
@@ -83,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         resume=args.resume,
         num_cpus=args.num_cpus,
+        verbose=args.verbose,
     )
     print(render.render_start(spec, args.resume), flush=True)
     outcome = run_study(spec, spec_text, options)

@@ -19,7 +19,9 @@ T = TypeVar("T")
 
 # Tune's CSV/JSON/TensorBoard loggers would write every feature statistic of every result a second time; MLflow
 # is the record.
-TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+# No result files beside the study's own records, and Tune's classic output engine, which at verbose 0 prints
+# nothing (the new one prints its configuration box whatever the verbosity).
+TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0"}
 # Ray's switch between a node of a cluster and a Ray of this machine alone (off by default on macOS, Windows).
 CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -28,6 +30,7 @@ CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 class ClusterTarget:
     address: str | None = None  # None: an embedded local Ray; else auto, HOST:PORT or ray://HOST:PORT
     num_cpus: int | None = None  # local Ray only; None = all of the machine's
+    verbose: bool = False  # Ray's INFO and WARNING lines and the workers' output on this terminal
 
 
 def is_ray_client(address: str | None) -> TypeGuard[str]:
@@ -65,7 +68,12 @@ def start_ray(target: ClusterTarget) -> bool:
 def _start_ray(target: ClusterTarget) -> bool:
     import ray
 
-    common: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "WARNING"}
+    # Quiet unless asked: Ray's notices (token authentication, resources) would scroll the live view away.
+    common: dict[str, Any] = {
+        "log_to_driver": target.verbose,
+        "configure_logging": True,
+        "logging_level": "INFO" if target.verbose else "ERROR",
+    }
     if is_ray_client(target.address):
         # Tune's loop then runs in an actor on the head node: it gets Tune's settings only through the job's
         # environment, and its live table reaches this terminal only as a worker log. The INFO and WARNING

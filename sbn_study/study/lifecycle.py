@@ -56,11 +56,12 @@ class RunOptions:
     tracking_uri: str | None = None
     resume: bool = False
     num_cpus: int | None = None  # local Ray only; None = all of the machine's
-    progress_interval_s: float = 10.0
+    progress_interval_s: float = 30.0  # between progress lines where the output is no terminal
+    verbose: bool = False  # Ray's, Tune's, Optuna's and MLflow's own lines too
 
     @property
     def cluster(self) -> cluster.ClusterTarget:
-        return cluster.ClusterTarget(self.address, self.num_cpus)
+        return cluster.ClusterTarget(self.address, self.num_cpus, self.verbose)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,10 @@ class Study:
     @contextlib.contextmanager
     def ray_session(self) -> Iterator[None]:
         """Ray for the study's steps; shut down after them if this started it."""
+        for key, value in cluster.TUNE_ENV.items():
+            os.environ.setdefault(key, value)
+        if not self.options.verbose:
+            _quiet_libraries()
         # Before the store's thread starts: MLflow and Ray import modules in common (protobuf).
         ray = cluster.import_ray(self.options.cluster)
 
@@ -226,7 +231,6 @@ class Study:
     def prepare(self) -> Any:
         """Checks the cluster, loads the data, opens the record and returns the Tuner to fit: Tune's saved one
         when a resumed study has one, else a new one."""
-        _quiet_libraries()
         resources = self.spec.resources
         cluster.check_fits(resources.cpu, resources.gpu, "resources", "trial")
         cluster.check_store_serves_every_node(self.uri)
@@ -368,7 +372,9 @@ class Study:
     def _new_tuner(self, dataset: ImageDataset) -> Any:
         from ray import tune
 
-        from sbn_study.tune.callbacks import ProgressTable, TrackingCallback
+        from sbn_study.trial.inputs import dataset_inputs
+        from sbn_study.tune.callbacks import TrackingCallback
+        from sbn_study.tune.progress import StudyProgress
         from sbn_study.tune.search import StudySearch, make_scheduler
 
         assert self.record is not None and self.state is not None
@@ -376,8 +382,8 @@ class Study:
         storage, name = self.state.tune_storage_and_name
         earlier = len(self.state.earlier_trials or ())
         callbacks = [
-            TrackingCallback(spec, self.record.handle, earlier),
-            ProgressTable(spec, self.options.progress_interval_s),
+            TrackingCallback(spec, self.record.handle, earlier, dataset_inputs(dataset, spec.data)),
+            StudyProgress(spec, self.options.progress_interval_s, earlier),
         ]
         # The study's name in Optuna: the parent run's, which an extension keeps.
         optuna_study = self.state.optuna_study or name
@@ -397,16 +403,21 @@ class Study:
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 # No Tune checkpoints: each trial keeps its own file (tune.checkpoints says why).
-                verbose=0,
+                verbose=1 if self.options.verbose else 0,  # Tune's status table besides the study's
             ),
         )
 
     def fit(self, tuner: Any) -> bool:
         """Runs Tune to the end or to an interruption; True when every trial ended."""
         # Tune turns the first Ctrl-C into a graceful, checkpointed stop; a second one lands here.
+        from sbn_study import terminal
+
         results = None
-        with contextlib.suppress(KeyboardInterrupt):
-            results = tuner.fit()
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                results = tuner.fit()
+        finally:
+            terminal.stop_all()
         pause_point("study-trained")
         # Tune's own view decides whether the study ended, so that an unreachable tracking server cannot.
         return results is not None and results.num_terminated + results.num_errors >= self._trials_to_run()
@@ -449,12 +460,12 @@ class Study:
 
 
 def _quiet_libraries() -> None:
-    """Before Tune, Optuna or MLflow build anything: their set-up lines would bury the live table."""
-    for key, value in cluster.TUNE_ENV.items():
-        os.environ.setdefault(key, value)
+    """Before Ray, Tune, Optuna or MLflow build anything: their set-up lines would bury the live view."""
+    # MLflow sets its loggers' level from this when it is imported (its INFO lines on creating a store).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # in case it was imported already
     # Tune's warnings about the missing logger files.
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines on creating a store
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study created and per trial sampled

@@ -1,4 +1,4 @@
-"""Ray Tune callbacks of the driver: MLflow bookkeeping and the live table a person reads.
+"""Ray Tune callbacks of the driver: MLflow bookkeeping (`tune.progress` has what a person reads).
 
 Both are pickled into Tune's experiment state (so `--resume` gets them back); they hold plain data, and the
 tracking callback builds its writer in `setup`, where Tune's loop runs (on the head node with Ray Client).
@@ -6,9 +6,8 @@ tracking callback builds its writer in `setup`, where Tune's loop runs (on the h
 
 from __future__ import annotations
 
-import sys
-import time
-from typing import Any, TextIO
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ray.tune import Callback
 
@@ -42,10 +41,19 @@ class TrackingCallback(Callback):
     """Opens (or, after a resume, finds again) one nested MLflow run per trial and logs each result in one
     batch; describes the study on its parent run and logs its progress there each time a trial ends."""
 
-    def __init__(self, spec: StudySpec, record: RecordHandle, earlier: int = 0) -> None:
+    def __init__(
+        self,
+        spec: StudySpec,
+        record: RecordHandle,
+        earlier: int = 0,
+        inputs: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         self.spec = spec
         self.record = record
         self.earlier = earlier  # trials of the executions this one extends: the first run is t{earlier + 1}
+        # The dataset inputs (`trial.inputs`) of the parent run and of every trial run: the trials share the
+        # driver's one dataset, and one more queued write per trial costs next to nothing.
+        self.inputs = [dict(i) for i in inputs]
         self._writer: RunWriter | None = None
         self._node_tagged: set[str] = set()
         # Last epoch recorded per trial: a trial restarted from its checkpoint may repeat epochs that were
@@ -67,6 +75,8 @@ class TrackingCallback(Callback):
         self._writer = self.record.writer()
         self._writer.set_experiment_tags(experiment_tags(self.spec))
         self._writer.set_parent_tags({NOTE_TAG: study_note(self.spec, self.record.uri)})
+        if self.inputs:
+            self._writer.log_inputs(self.inputs)
 
     @property
     def writer(self) -> RunWriter:
@@ -88,6 +98,8 @@ class TrackingCallback(Callback):
             config_yaml=yaml.safe_dump(config, sort_keys=False),
             tags={"sbn.study": self.spec.name, "sbn.searched": searched},
         )
+        if self.inputs:
+            self.writer.log_inputs(self.inputs, trial.trial_id)
         self._last_step[trial.trial_id] = self.writer.last_step(trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -159,61 +171,6 @@ class TrackingCallback(Callback):
         self.writer.flush(deadline_s=END_WAIT_S)
         # Stops the writer too, even with nothing to save: the driver then ends the record with its own.
         self.writer.save_unsent()
-
-
-class ProgressTable(Callback):
-    """Prints a compact table of trials (status, epoch, best metric) every `interval_s` and when one ends."""
-
-    def __init__(self, spec: StudySpec, interval_s: float = 10.0, stream: TextIO | None = None) -> None:
-        self.metric = spec.search.metrics[0]
-        self.mode = spec.search.modes[0]
-        self.max_budget = spec.max_budget
-        self.interval_s = interval_s
-        self.stream = stream
-        self._best: dict[str, float] = {}
-        self._last_print = 0.0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "stream": None}
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        value = result.get(self.metric)
-        if value is None or result.get("diverged"):
-            return
-        best = self._best.get(trial.trial_id)
-        better = best is None or (value > best if self.mode == "max" else value < best)
-        if better:
-            self._best[trial.trial_id] = value
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.print_table(trials)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.print_table(trials)
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if time.monotonic() - self._last_print >= self.interval_s:
-            self.print_table(trials)
-
-    def print_table(self, trials: list) -> None:
-        self._last_print = time.monotonic()
-        stream = self.stream or sys.stdout
-        counts: dict[str, int] = {}
-        rows = []
-        for trial in trials:
-            state = trial_state(trial, self.max_budget)
-            counts[state] = counts.get(state, 0) + 1
-            epoch = int(trial.last_result.get("epoch", 0)) if trial.last_result else 0
-            best = self._best.get(trial.trial_id)
-            params = sampled_values(trial.config)
-            rows.append(
-                f"  {trial.trial_id:<14} {state:<13} {epoch:>3}/{self.max_budget:<3} "
-                f"{'-' if best is None else f'{best:.4f}':>8}  {params}"
-            )
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        header = f"  {'trial':<14} {'status':<13} {'epoch':>7} {('best ' + self.metric):>8}  params"
-        print(f"[{time.strftime('%H:%M:%S')}] {len(trials)} trials: {summary}\n{header}", file=stream)
-        print("\n".join(rows), file=stream, flush=True)
 
 
 def trial_state(trial: Any, max_budget: int) -> str:
