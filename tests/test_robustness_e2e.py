@@ -16,7 +16,9 @@ from sbn_study.final.comparison import suite_table
 from sbn_study.final.evaluation import COMPARED, compare_suites
 from sbn_study.final.render import render_comparison, render_summary
 from sbn_study.spec.loader import load_spec
+from tests import test_tracking
 from tests.test_final_render import exported_plan, final_outcome, seed
+from tests.test_tracking import open_trial, open_writer
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
 # The quick start's configuration, cut to what a test can afford: a few hundred images (and one epoch, set
@@ -80,6 +82,29 @@ def test_the_summary_and_comparison_md_carry_the_suites_table_only_when_suites_r
         assert (
             not compared or "| mean corruption error | bn | 1/1 | 0 | 0 | 0.4000 ± – | -0.1000 |" in rows[1]
         )
+
+
+store = test_tracking.store  # the fixture: a sqlite store with an experiment
+
+
+def test_a_seed_file_the_store_never_took_is_saved_and_sent_by_the_replay(
+    store: tuple[str, str], tmp_path: Path
+) -> None:
+    heat_map = tmp_path / "fourier_heat_map.csv"
+    heat_map.write_text("0.25,0.5\n")
+    writer, gated = open_writer(store, tmp_path)
+    run_id = open_trial(writer, "a")
+    gated.failing = True
+    writer.log_artifact("a", heat_map, "evaluation")
+    assert not writer.flush(deadline_s=0.5)
+    assert writer.save_unsent() == 1
+    gated.failing = False
+    replay = writer.handle.writer()
+    assert replay.send_saved() == 1
+    (logged,) = replay.client.list_artifacts(run_id, "evaluation")
+    assert logged.path == "evaluation/fourier_heat_map.csv"
+    copy = Path(replay.client.download_artifacts(run_id, logged.path, str(tmp_path / "back")))
+    assert copy.read_text() == "0.25,0.5\n"
 
 
 # --- train and evaluate on the quick start's configuration ----------------------------------------------
