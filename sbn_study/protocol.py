@@ -29,6 +29,8 @@ EPOCH_KEY = "epoch"
 DIVERGED_KEY = "diverged"
 NODE_KEY = "node_id"
 FEATURE_PREFIX = "fm/"
+# What an epoch cost the machine (`sbn_study.trial.system`): `system/cpu_percent`, `system/rss_mb`, ...
+SYSTEM_PREFIX = "system/"
 # Feature statistics of the untrained network travel inside the first epoch's result under this key and are
 # logged at step 0 (Tune requires the searched metric in every result, so epoch 0 cannot be its own result).
 INITIAL_FEATURES_KEY = "fm_init"
@@ -87,8 +89,9 @@ def worst_values(metrics: Sequence[str], modes: Sequence[str]) -> dict[str, floa
 
 
 def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a result worth recording: the per-epoch metrics, the feature statistics and the target
-    domains' measurements."""
+    """The numbers of a result worth recording: the per-epoch metrics, the feature statistics, the target
+    domains' measurements and what the epoch cost the machine."""
     metrics = {k: float(result[k]) for k in EPOCH_METRICS if k in result}
-    metrics.update((k, float(v)) for k, v in result.items() if k.startswith((FEATURE_PREFIX, TARGET_PREFIX)))
+    prefixes = (FEATURE_PREFIX, TARGET_PREFIX, SYSTEM_PREFIX)
+    metrics.update((k, float(v)) for k, v in result.items() if k.startswith(prefixes))
     return metrics

@@ -172,7 +172,7 @@ def test_train_runs_every_suite_on_each_tested_checkpoint_and_compares_the_arms(
         best = int(run.data.tags["sbn.best_epoch"])
         assert [m.step for m in client.get_metric_history(run_id, "robust/mce")] == [best]
         artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert {"checkpoint.pt", "evaluation"} <= artifacts
+        assert {"model", "evaluation"} <= artifacts
         files = {a.path for a in client.list_artifacts(run_id, "evaluation")}
         assert files == {
             f"evaluation/{n}" for n in ("fourier_heat_map.csv", "fourier_heat_map.png", "reliability.csv")
@@ -271,7 +271,9 @@ def test_evaluate_refuses_what_it_cannot_evaluate_in_one_line(
     cases = {
         (unknown,): f"error: no run '{unknown}' in {trained.uri}, and no checkpoint file of that name",
         (parent,): f"error: run {parent} is no seed run of `sbn-study train`: only those have a checkpoint",
-        (bare,): f"error: run {bare} has no checkpoint.pt artifact (its seed never validated, or `train` ran "
+        (
+            bare,
+        ): f"error: run {bare} has no model/checkpoint.pt artifact (its seed never validated, or `train` ran "
         "before it kept the tested weights): nothing to evaluate",
         ("missing.pt",): "error: missing.pt: no such checkpoint file, and no MLflow run id (32 hex digits)",
         (str(not_a_checkpoint),): f"error: {not_a_checkpoint}: not a checkpoint of `sbn-study train` "

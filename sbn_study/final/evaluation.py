@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 SUITE_NAMES = ("corruptions", "fourier", "calibration")  # evaluate.suites.SUITES, without importing torch
 CHECKPOINT = "checkpoint.pt"
+# A seed run's MLflow model (`final.model`): the folder of its artifacts that holds the checkpoint.
+MODEL = "model"
 FOLDER = "evaluation"  # the files' folder beside the checkpoint, and in the run's artifacts
 HEAT_MAP_CSV, HEAT_MAP_PNG, RELIABILITY_CSV = (
     "fourier_heat_map.csv",
@@ -158,12 +160,15 @@ def load_checkpoint(path: Path) -> tuple[FinalConfig, dict[str, Any], int]:
 
 
 def model_from_checkpoint(
-    config: FinalConfig, state: Mapping[str, Any], dataset: ImageDataset, device: torch.device
+    config: FinalConfig,
+    state: Mapping[str, Any],
+    num_classes: int,
+    input_size: tuple[int, int],
+    device: torch.device,
 ) -> nn.Module:
     from sbn_study.trial.models import create_model_from_config
 
-    input_size = (dataset.train.images.shape[-2], dataset.train.images.shape[-1])
-    model = create_model_from_config(config.model, config.norm, dataset.num_classes, input_size)
+    model = create_model_from_config(config.model, config.norm, num_classes, input_size)
     model.load_state_dict(state)
     return model.to(device)
 
@@ -285,7 +290,9 @@ def _evaluate_weights(
     from sbn_study.trial.train import resolve_device
 
     dataset = load_dataset(config.data)
-    model = model_from_checkpoint(config, state, dataset, resolve_device(config.train.device))
+    input_size = (dataset.train.images.shape[-2], dataset.train.images.shape[-1])
+    device = resolve_device(config.train.device)
+    model = model_from_checkpoint(config, state, dataset.num_classes, input_size, device)
     return evaluate_model(model, dataset, options)
 
 
@@ -324,14 +331,15 @@ def evaluate_run(uri: str, run_id: str, options: EvaluationOptions) -> Checkpoin
     tags = run.data.tags
     if tags.get(KIND_TAG) != "final" or "sbn.seed" not in tags:
         raise UserError(f"run {run_id} is no seed run of `sbn-study train`: only those have a checkpoint")
-    if CHECKPOINT not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+    artifact = f"{MODEL}/{CHECKPOINT}"
+    if artifact not in {found.path for found in client.list_artifacts(run_id, MODEL)}:
         raise UserError(
-            f"run {run_id} has no {CHECKPOINT} artifact (its seed never validated, or `train` ran before it "
+            f"run {run_id} has no {artifact} artifact (its seed never validated, or `train` ran before it "
             "kept the tested weights): nothing to evaluate"
         )
     what = f"run {run_id} ({tags['sbn.arm']}, seed {tags['sbn.seed']})"
     with tempfile.TemporaryDirectory() as local:
-        config, state, epoch = load_checkpoint(Path(client.download_artifacts(run_id, CHECKPOINT, local)))
+        config, state, epoch = load_checkpoint(Path(client.download_artifacts(run_id, artifact, local)))
         evaluation = _evaluate_weights(config, state, options)
         files = write_files(evaluation, Path(local) / FOLDER, f"{tags['sbn.arm']}, seed {tags['sbn.seed']}")
         metrics = [Metric(key, value, 0, epoch) for key, value in evaluation.metrics.items()]

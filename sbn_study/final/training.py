@@ -10,7 +10,8 @@ opened before its task starts, and a task returns its history and test metrics, 
 the task ends. The dataset is loaded once by the driver and shared through Ray's object store. The
 comparison is written under the output folder and logged to the parent run once the seeds ended.
 
-The tested weights are kept (`checkpoint.pt`, so `sbn-study evaluate` can return to them) and, in the same task,
+The tested weights are kept as the seed run's MLflow model (`final.model`: `model/` holds `checkpoint.pt`, which
+`sbn-study evaluate` returns to) and, in the same task,
 go through the evaluation suites of `options.evaluation` (`final.evaluation`): their figures are logged to the
 seed's run beside test_acc, their files (the Fourier heat map, the reliability table) are its artifacts, and
 the figures of `evaluation.COMPARED` are compared across arms as accuracy is.
@@ -30,17 +31,17 @@ from sbn_study.final.arms import REFERENCE, ArmPlan
 from sbn_study.final.comparison import ArmSummary, PairedDifference, SeedScore, compare_arms
 from sbn_study.final.evaluation import (
     BN_ARM,
-    CHECKPOINT,
     FOLDER,
+    MODEL,
     NO_SUITES,
     Comparison,
     Evaluation,
     EvaluationOptions,
     compare_suites,
-    save_checkpoint,
     versus_bn,
     write_files,
 )
+from sbn_study.final.model import save_model
 from sbn_study.protocol import result_metrics
 from sbn_study.results.export import FinalConfig
 from sbn_study.spec.config import TrialConfig, flatten
@@ -161,13 +162,15 @@ def _run(
     from sbn_study.store.record import StudyRecord
     from sbn_study.study.cluster import check_fits
     from sbn_study.trial.data import load_dataset
+    from sbn_study.trial.inputs import dataset_inputs
 
     gpus = options.gpus_per_seed
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
     check_fits(options.cpus_per_seed, gpus, "--cpus-per-seed/--gpus-per-seed", "seed")
     config = plan.config
-    dataset = ray.put(load_dataset(config.data))
+    loaded = load_dataset(config.data)
+    dataset, inputs = ray.put(loaded), dataset_inputs(loaded, config.data)
     experiment_id = ensure_experiment(uri, options.experiment, output / "artifacts")
     source = config.provenance
     common_tags = {
@@ -182,6 +185,7 @@ def _run(
     record = StudyRecord.start(uri, experiment_id, run_name, common_tags, unsent)
     record.log_artifacts({"config.yaml": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)})
     writer = record.writer()
+    writer.log_inputs(inputs)
 
     folder = output / "final" / run_name
     task = ray.remote(_train_seed).options(num_cpus=options.cpus_per_seed, num_gpus=gpus)
@@ -202,11 +206,12 @@ def _run(
                     config_yaml=yaml.safe_dump(dumped, sort_keys=False),
                     tags={**common_tags, "sbn.arm": arm, "sbn.seed": str(seed), **plan.run_tags.get(arm, {})},
                 )
+                writer.log_inputs(inputs, f"{arm}-seed{seed}")
                 launched[task.remote(seeded, dataset, options.evaluation)] = (arm, seed)
         pending = list(launched)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            result = _record(writer, *launched[done[0]], done[0], folder)
+            result = _record(writer, *launched[done[0]], done[0], folder, loaded)
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -245,9 +250,11 @@ def _run(
     )
 
 
-def _record(writer: RunWriter, arm: str, seed: int, ref: Any, folder: Path) -> SeedResult:
-    """Logs one ended task to its run, with its checkpoint and evaluation files (written under `folder`),
-    and returns its result."""
+def _record(
+    writer: RunWriter, arm: str, seed: int, ref: Any, folder: Path, dataset: ImageDataset
+) -> SeedResult:
+    """Logs one ended task to its run, with its model and evaluation files (written under `folder`), and
+    returns its result."""
     import ray
 
     key = f"{arm}-seed{seed}"
@@ -268,8 +275,9 @@ def _record(writer: RunWriter, arm: str, seed: int, ref: Any, folder: Path) -> S
     evaluation: Evaluation | None = out["evaluation"]
     if out["checkpoint"] is not None:
         seed_folder = folder / key
-        save_checkpoint(seed_folder / CHECKPOINT, *out["checkpoint"], out["best_epoch"])
-        writer.log_artifact(key, seed_folder / CHECKPOINT)
+        # The seed's folder is the model's: `sbn-study evaluate` finds the checkpoint where it always was.
+        for path in save_model(seed_folder, *out["checkpoint"], out["best_epoch"], dataset):
+            writer.log_artifact(key, path, MODEL)
         if evaluation is not None:
             writer.log_metrics(key, evaluation.metrics, step=out["best_epoch"])
             for path in write_files(evaluation, seed_folder / FOLDER, f"{arm}, seed {seed}"):

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,14 @@ def _replace_whole(path: Path, data: bytes) -> None:
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _dataset_input(described: Mapping[str, Any]) -> Any:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    fields = {k: described[k] for k in ("name", "digest", "source_type", "source", "profile")}
+    return DatasetInput(Dataset(**fields), [InputTag(MLFLOW_DATASET_CONTEXT, described["context"])])
 
 
 def _save_when_exiting(writer_ref: weakref.ref[RunWriter]) -> None:
@@ -232,6 +240,13 @@ class RunWriter:
         stay where it is until sent, and a saved write names it by its path."""
         with self._changed:
             self._queue("artifact", self._runs[trial_id], {"path": str(path), "folder": folder})
+
+    def log_inputs(self, inputs: Sequence[Mapping[str, Any]], trial_id: str | None = None) -> None:
+        """Dataset inputs (`trial.inputs.dataset_inputs`) of the trial's run, or of the parent run without a
+        trial; sending them again does no harm (MLflow keeps one per dataset and run)."""
+        with self._changed:
+            run_id = self.handle.parent_run_id if trial_id is None else self._runs[trial_id]
+            self._queue("inputs", run_id, {"inputs": [dict(i) for i in inputs]})
 
     def finish_trial(self, trial_id: str, status: TrialStatus | str) -> None:
         status = TrialStatus(status)
@@ -405,6 +420,8 @@ class RunWriter:
             self.client.set_terminated(run_id, status=arguments["status"])
         elif operation == "artifact":
             self.client.log_artifact(run_id, arguments["path"], arguments["folder"])
+        elif operation == "inputs":
+            self.client.log_inputs(run_id, datasets=[_dataset_input(i) for i in arguments["inputs"]])
         elif operation == "experiment_tags":
             for key, value in arguments["tags"].items():
                 self.client.set_experiment_tag(self.handle.experiment_id, key, value)

@@ -58,6 +58,7 @@ from sbn_study.trial.domains import DomainDataset, DomainSplit, leave_one_domain
 from sbn_study.trial.featstats import measure_feature_stats
 from sbn_study.trial.models import create_model_from_config
 from sbn_study.trial.norms import NORM_MODULE_TYPES, norm_sites
+from sbn_study.trial.system import SystemSampler
 from sbn_study.trial.train import (
     Checkpoint,
     Metrics,
@@ -372,6 +373,7 @@ def train_domains(
         if report is not None:
             report(initial, None)
 
+    system = SystemSampler(device)
     for epoch in range(start_epoch, tc.epochs):
         epoch_start = time.perf_counter()
         lr = lr_at(config, epoch)
@@ -400,6 +402,7 @@ def train_domains(
             metrics.update((k, sum(values[k] for values in per_fold) / len(per_fold)) for k in FOLD_MEANS)
             metrics.update(lr=lr, images_per_s=trained / train_seconds)
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
+        metrics.update(system.sample())
         result.epochs_run = epoch + 1
         if metrics.get("val_acc", -1.0) > result.best_val_acc:
             result.best_val_acc, result.best_epoch = metrics["val_acc"], epoch + 1

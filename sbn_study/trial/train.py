@@ -25,6 +25,7 @@ from sbn_study.trial.data import DeviceLoader, ImageDataset, Split, load_dataset
 from sbn_study.trial.featstats import measure_feature_stats
 from sbn_study.trial.models import create_model_from_config
 from sbn_study.trial.norms import norm_parameters
+from sbn_study.trial.system import SystemSampler
 
 Metrics = dict[str, float]
 Checkpoint = dict[str, Any]
@@ -182,6 +183,7 @@ def train(
         if report is not None:
             report(initial, None)
 
+    system = SystemSampler(device)
     for epoch in range(start_epoch, tc.epochs):
         epoch_start = time.perf_counter()
         lr = lr_at(config, epoch)
@@ -218,6 +220,7 @@ def train(
             if features_due(epoch + 1):
                 metrics.update(measure_feature_stats(model, probe))
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
+        metrics.update(system.sample())
         result.epochs_run = epoch + 1
         val_acc = metrics.get("val_acc", -1.0)
         if val_acc > result.best_val_acc:
