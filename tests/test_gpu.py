@@ -67,3 +67,18 @@ def test_a_trial_trains_on_cuda_with_amp_and_channels_last() -> None:
     assert result.best_val_acc > 4 / 10, [round(m["val_acc"], 3) for m in epochs]
     assert all(math.isfinite(m["train_loss"]) for m in epochs)
     assert "fm/layer3.bn.sbn/norm" in reports[0]
+
+
+def test_a_trial_on_cuda_reports_what_each_epoch_held_of_the_gpu() -> None:
+    config = tiny_config(epochs=2, device="cuda")
+    reports: list[dict[str, float]] = []
+    train(config, report=lambda metrics, _ckpt: reports.append(metrics))
+    epochs = [m for m in reports if "val_acc" in m]
+    total = torch.cuda.mem_get_info()[1] / 2**20
+    for metrics in epochs:
+        # The trial's tensors stay within what its allocator reserved, which the whole card's use includes.
+        allocated = metrics["system/gpu_memory_allocated_mb"]
+        assert 0 < allocated <= metrics["system/gpu_memory_peak_reserved_mb"]
+        assert metrics["system/gpu_memory_peak_reserved_mb"] <= metrics["system/gpu_memory_used_mb"] <= total
+        if "system/gpu_utilization_percent" in metrics:  # NVML answers only with nvidia-ml-py installed
+            assert 0 <= metrics["system/gpu_utilization_percent"] <= 100
