@@ -112,7 +112,9 @@ class TrialStates:
         torch.save(state, buffer)
         if self._local is not None:
             replace_file(
-                self._local / f"{trial_id}{SUFFIX}", buffer.getbuffer(), lambda: pause_point("checkpoint-writing")
+                self._local / f"{trial_id}{SUFFIX}",
+                buffer.getbuffer(),
+                lambda: pause_point("checkpoint-writing"),
             )
             return
         pause_point("checkpoint-writing")
@@ -211,5 +213,3 @@ def local_path(location: str) -> Path | None:
 
     fs, path = pyarrow.fs.FileSystem.from_uri(location)
     return Path(path) if isinstance(fs, pyarrow.fs.LocalFileSystem) else None
-
-
