@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def replace_file(path: Path, data: memoryview | bytes, before_rename: Callable[[], None] = lambda: None) -> None:
+def replace_file(
+    path: Path, data: memoryview | bytes, before_rename: Callable[[], None] = lambda: None
+) -> None:
     """Puts `data` at `path` in one step, durably: temporary file, fsync, rename, fsync of the folder.
     `before_rename` runs between the fsync and the rename (where the kill tests pause)."""
     # A unique temporary name in the same folder (a rename cannot cross file systems): a second writer of the

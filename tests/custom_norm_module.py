@@ -44,9 +44,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     A batch smaller than a ghost batch has no group to take them over, and fails, as BN fails at one value
     per channel: what the batch-size sweep must count rather than drop (tests/test_batch_sizes.py)."""
 
-    def __init__(
-        self, channels: int, *, stage: int, spatial: tuple[int, int] | None, ghost: int = 4
-    ) -> None:
+    def __init__(self, channels: int, *, stage: int, spatial: tuple[int, int] | None, ghost: int = 4) -> None:
         super().__init__(channels)
         self.ghost = ghost
 

@@ -65,10 +65,10 @@ def test_each_trial_that_ends_gets_a_line_with_its_run_name_status_epochs_and_be
     _, stream, _ = trials()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2, lines
-    assert re.fullmatch(CLOCK + r"t1 sbn23 lr=0\.0512: completed at epoch 8/8, best val_acc 0\.7000", lines[0])
     assert re.fullmatch(
-        CLOCK + r"t2 bn lr=0\.2: stopped_early at epoch 2/8, best val_acc 0\.3000", lines[1]
+        CLOCK + r"t1 sbn23 lr=0\.0512: completed at epoch 8/8, best val_acc 0\.7000", lines[0]
     )
+    assert re.fullmatch(CLOCK + r"t2 bn lr=0\.2: stopped_early at epoch 2/8, best val_acc 0\.3000", lines[1])
 
 
 def test_the_summary_counts_trials_by_status_and_bounds_the_epochs_left() -> None:
