@@ -9,7 +9,7 @@ import yaml
 
 from sbn_study.errors import UserError
 from sbn_study.final.arms import ArmRequest, plan_arms
-from sbn_study.final.batch_sizes import sweep
+from sbn_study.final.batch_sizes import sweep, warnings
 from sbn_study.results.export import FinalConfig
 from sbn_study.results.stats import t_interval
 from sbn_study.spec.config import NormConfig
@@ -93,6 +93,15 @@ def test_every_arm_is_planned_at_every_batch_size_with_its_lr_scaled_from_the_co
     assert linear.plan.labels["cbn-b8"] == "cbn-all-b8" and linear.plan.labels["bn-b2"] == "bn-b2"
     same = sweep(plan, (2, 32), "none")
     assert {arm.train.lr for arm in same.plan.arms.values()} == {0.08}
+    # Only an lr scaled above the config's, without a warm-up, is warned about.
+    assert warnings(linear) == [
+        "warning: --batch-sizes 32: the linear rule raises the lr up to ×2 the config's with no warm-up "
+        "(Goyal et al. warm up 5 of 90 epochs): --set train.warmup_epochs=N"
+    ]
+    assert warnings(same) == warnings(sweep(plan, (2, 16), "linear")) == []
+    warm = config.model_copy(update={"train": config.train.model_copy(update={"warmup_epochs": 2})})
+    warm_plan = plan_arms(warm, ArmRequest(("bn",)), "sqlite:///unused.db")
+    assert warnings(sweep(warm_plan, (2, 32), "linear")) == []
     with pytest.raises(UserError, match="--batch-sizes 1025: larger than the 1024 training images"):
         sweep(plan, (2, 1025), "linear")
 
