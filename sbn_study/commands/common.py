@@ -76,9 +76,9 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
         "--suites",
         "--suite",
         type=name_list,
-        default=SUITE_NAMES,
         metavar="LIST",
-        help=f"evaluation suites: some of {','.join(SUITE_NAMES)}, or none (default: all)",
+        help=f"evaluation suites: some of {','.join(SUITE_NAMES)}, or none (default: all; none with "
+        "train --batch-sizes, whose table is of accuracy)",
     )
     parser.add_argument(
         "--fourier-stride",

@@ -87,7 +87,12 @@ def _train(args: argparse.Namespace) -> int:
         address=args.address,
         cpus_per_seed=args.cpus_per_seed,
         gpus_per_seed=args.gpus_per_seed,
-        evaluation=EvaluationOptions(check_suites(args.suites), args.fourier_stride, args.fourier_images),
+        # A batch-size sweep is many runs whose table is of accuracy: the suites only when asked for.
+        evaluation=EvaluationOptions(
+            check_suites(("none",) if args.suites is None and args.batch_sizes else args.suites),
+            args.fourier_stride,
+            args.fourier_images,
+        ),
     )
     if args.batch_sizes:
         return _train_batch_sizes(args, plan, options)

@@ -84,8 +84,11 @@ class EvaluationOptions:
 NO_SUITES = EvaluationOptions(suites=())
 
 
-def check_suites(names: Sequence[str], option: str = "--suites") -> tuple[str, ...]:
-    """`names` in the order given, refused in one line when one is unknown; "none" alone is no suite."""
+def check_suites(names: Sequence[str] | None, option: str = "--suites") -> tuple[str, ...]:
+    """`names` in the order given (None: every suite), refused in one line when one is unknown; "none" alone
+    is no suite."""
+    if names is None:
+        return SUITE_NAMES
     if tuple(names) == ("none",):
         return ()
     unknown = [name for name in names if name not in SUITE_NAMES]
