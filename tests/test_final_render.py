@@ -179,10 +179,12 @@ def test_train_prints_each_seed_as_it_ends_then_the_table_and_fails_on_a_failed_
     results = (seed("config", 0), seed("bn", 0, "error", error="boom"))
     planned: list[ArmPlan] = []
 
-    def run_final(plan: ArmPlan, options: FinalOptions, on_result: Any) -> FinalOutcome:
+    def run_final(plan: ArmPlan, options: FinalOptions, progress: Any) -> FinalOutcome:
         planned.append(plan)
+        progress.start()
         for result in results:
-            on_result(result)
+            progress.ended(result)
+        progress.stop()
         return final_outcome(tmp_path, results)
 
     monkeypatch.setattr("sbn_study.final.training.run_final", run_final)
@@ -203,7 +205,8 @@ def test_train_prints_each_seed_as_it_ends_then_the_table_and_fails_on_a_failed_
         "train.lr=0.1",
         "  bn           train.weight_decay=0.0001 train.lr=0.02 (norm.momentum, norm.eps, norm.fft_norm: do not "
         "act)",
-        final_render.render_seed(results[0]),
-        "  bn           seed 0: error: boom",
+        # Each seed as it ends, with the count so far (and an ETA while seeds are left).
+        f"{final_render.render_seed(results[0])}  [1/2 seeds ended (1 completed) · ETA ~ 0s]",
+        "  bn           seed 0: error: boom  [2/2 seeds ended (1 completed, 1 error)]",
         final_render.render_summary(final_outcome(tmp_path, results)).splitlines()[0],
     ]

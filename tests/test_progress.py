@@ -176,3 +176,40 @@ def test_verbose_shows_the_libraries_lines_again(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Creating initial MLflow database tables" in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------------------------------ final training
+
+
+def test_final_training_counts_seeds_and_estimates_the_rest_from_those_that_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rich.console import Console
+
+    from sbn_study.final import progress as final_progress
+    from tests.test_final_render import seed
+
+    now = [100.0]
+    monkeypatch.setattr(final_progress.time, "monotonic", lambda: now[0])
+    stream = io.StringIO()
+    seeds = final_progress.SeedProgress(
+        [("config", 0), ("config", 1), ("bn", 0), ("bn", 1)], stream, live=False
+    )
+    seeds.start()
+    assert seeds.summary() == "0/4 seeds ended"
+    now[0] += 30.0
+    seeds.ended(seed("bn", 0))
+    now[0] += 10.0
+    seeds.ended(seed("config", 1, "error", error="worker died"))
+    # 2 seeds in 40 s: the 2 left take about 40 s more
+    assert seeds.summary() == "2/4 seeds ended (1 completed, 1 error) · ETA ~ 40s"
+    assert stream.getvalue().splitlines() == [
+        "  bn           seed 0: completed, test_acc 0.8000, test_loss 0.5000 (best val_acc 0.8100 at epoch 2)  "
+        "[1/4 seeds ended (1 completed) · ETA ~ 1m30s]",
+        "  config       seed 1: error: worker died  [2/4 seeds ended (1 completed, 1 error) · ETA ~ 40s]",
+    ]
+    console = Console(file=io.StringIO(), width=100, record=True)
+    console.print(seeds.view())
+    text = console.export_text()
+    assert "2/4 seeds ended (1 completed, 1 error) · ETA ~ 40s" in text
+    assert "training or queued: config seed 0, bn seed 1" in text

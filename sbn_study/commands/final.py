@@ -72,6 +72,7 @@ def _train(args: argparse.Namespace) -> int:
     from sbn_study.final import render
     from sbn_study.final.arms import ArmRequest, plan_arms
     from sbn_study.final.evaluation import EvaluationOptions, check_suites
+    from sbn_study.final.progress import SeedProgress
     from sbn_study.final.training import FinalOptions, experiment_name, run_final
     from sbn_study.results.export import load_final_config
 
@@ -101,7 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     print(render.render_start(args.config, plan, options), flush=True)
     print("\n".join(render.render_arm_values(plan)), flush=True)
     common.print_err([*render.config_warnings(config), *render.seed_warnings(plan, options.seeds)])
-    outcome = run_final(plan, options, lambda result: print(render.render_seed(result), flush=True))
+    outcome = run_final(plan, options, SeedProgress(_runs(plan, options.seeds)))
     print(render.render_summary(outcome))
     common.print_err(render.summary_warnings(outcome))
     return 0 if all(r.status == "completed" for r in outcome.results) else 1
@@ -114,6 +115,7 @@ def _train_batch_sizes(args: argparse.Namespace, plan: ArmPlan, options: FinalOp
     from pathlib import Path
 
     from sbn_study.final import batch_sizes, render
+    from sbn_study.final.progress import SeedProgress
     from sbn_study.final.training import experiment_name, run_final
 
     sweep = batch_sizes.sweep(plan, args.batch_sizes, args.lr_scaling or "linear")
@@ -131,13 +133,18 @@ def _train_batch_sizes(args: argparse.Namespace, plan: ArmPlan, options: FinalOp
     outcome = run_final(
         sweep.plan,
         options,
-        lambda result: print(render.render_seed(result), flush=True),
+        SeedProgress(_runs(sweep.plan, options.seeds)),
         partial(batch_sizes.publication, sweep),
     )
     print(batch_sizes.render_summary(sweep, outcome))
     common.print_err(render.summary_warnings(outcome))
     # As `train` does: a run that did not complete is in the table, and in the exit status.
     return 0 if all(r.status == "completed" for r in outcome.results) else 1
+
+
+def _runs(plan: ArmPlan, seeds: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Every (arm, seed) of a plan, in the order `run_final` launches them."""
+    return [(arm, seed) for arm in plan.arms for seed in seeds]
 
 
 def register(subparsers: Subparsers) -> None:

@@ -47,8 +47,10 @@ from sbn_study.results.export import FinalConfig
 from sbn_study.spec.config import TrialConfig, flatten
 from sbn_study.store.runs import ensure_experiment
 from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri
+from sbn_study.terminal import REDRAW_S
 
 if TYPE_CHECKING:
+    from sbn_study.final.progress import SeedProgress
     from sbn_study.store.record import StudyRecord
     from sbn_study.store.writer import RunWriter
     from sbn_study.trial.data import ImageDataset
@@ -124,12 +126,12 @@ Publish = Callable[[Sequence[SeedResult], dict[str, ArmSummary]], Publication]
 def run_final(
     plan: ArmPlan,
     options: FinalOptions,
-    on_result: Callable[[SeedResult], None] | None = None,
+    progress: SeedProgress | None = None,
     publish: Publish | None = None,
 ) -> FinalOutcome:
     """Trains every (arm, seed) of the plan as one Ray task on the local Ray (started unless one is already
-    running in this process, which is then left running) or the cluster at `options.address`; `on_result`
-    is called as each one ends, `publish` (default: the comparison of the arms) once all did."""
+    running in this process, which is then left running) or the cluster at `options.address`; `progress`
+    shows them as they end, `publish` (default: the comparison of the arms) runs once all did."""
     from sbn_study.study.cluster import ClusterTarget, start_ray
     from sbn_study.study.state import prepare_output
 
@@ -140,7 +142,7 @@ def run_final(
     check_reachable(uri)
     started_ray = start_ray(ClusterTarget(address=options.address))
     try:
-        return _run(plan, options, output, uri, on_result, publish)
+        return _run(plan, options, output, uri, progress, publish)
     finally:
         if started_ray:
             import ray
@@ -153,7 +155,7 @@ def _run(
     options: FinalOptions,
     output: Path,
     uri: str,
-    on_result: Callable[[SeedResult], None] | None,
+    progress: SeedProgress | None,
     publish: Publish | None,
 ) -> FinalOutcome:
     import ray
@@ -209,12 +211,21 @@ def _run(
                 writer.log_inputs(inputs, f"{arm}-seed{seed}")
                 launched[task.remote(seeded, dataset, options.evaluation)] = (arm, seed)
         pending = list(launched)
+        if progress is not None:
+            progress.start()
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            # A timeout, so that the terminal's view (its ETA) moves between the seeds' ends.
+            done, pending = ray.wait(pending, num_returns=1, timeout=REDRAW_S)
+            if not done:
+                if progress is not None:
+                    progress.tick()
+                continue
             result = _record(writer, *launched[done[0]], done[0], folder, loaded)
             results.append(result)
-            if on_result is not None:
-                on_result(result)
+            if progress is not None:
+                progress.ended(result)
+        if progress is not None:
+            progress.stop()
         order = {arm: i for i, arm in enumerate(plan.arms)}
         results.sort(key=lambda r: (order[r.arm], r.seed))
         scores = [SeedScore(r.arm, r.seed, r.status, r.test_acc) for r in results]
@@ -228,6 +239,8 @@ def _run(
         writer.log_parent_metrics(publication.metrics)
     except BaseException:
         # Ctrl-C (or a lost tracking store): stop the seeds still training and mark their runs killed.
+        if progress is not None:
+            progress.stop()
         for ref in launched:
             ray.cancel(ref, force=True)
         record.finish("KILLED")
