@@ -7,6 +7,8 @@ is shown, and how often, so that the study's progress and the seeds of final tra
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 import weakref
@@ -55,6 +57,19 @@ class LiveDisplay:
         if self._live is not None:
             self._live.stop()  # leaves the last view on the screen
             self._live = None
+
+
+def quiet_libraries() -> None:
+    """Before Ray, Tune, Optuna or MLflow build anything: their set-up lines would bury the view (`--verbose`
+    leaves them)."""
+    # MLflow sets its loggers' level from this when it is imported (its INFO lines on creating a store).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # in case it was imported already
+    # Tune's warnings about the missing logger files.
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study created and per trial sampled
 
 
 def stop_all() -> None:

@@ -43,6 +43,7 @@ def _add_train(subparsers: Subparsers) -> None:
     common.add_output_arguments(parser)
     common.add_address(parser)
     common.add_suite_arguments(parser)
+    common.add_verbose(parser)
     parser.add_argument(
         "--experiment",
         metavar="NAME",
@@ -88,6 +89,7 @@ def _train(args: argparse.Namespace) -> int:
         address=args.address,
         cpus_per_seed=args.cpus_per_seed,
         gpus_per_seed=args.gpus_per_seed,
+        verbose=args.verbose,
         # A batch-size sweep is many runs whose table is of accuracy: the suites only when asked for.
         evaluation=EvaluationOptions(
             check_suites(("none",) if args.suites is None and args.batch_sizes else args.suites),

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sbn_study import terminal
 from sbn_study.errors import UserError, one_line
 from sbn_study.final.arms import REFERENCE, ArmPlan
 from sbn_study.final.comparison import ArmSummary, PairedDifference, SeedScore, compare_arms
@@ -47,7 +48,6 @@ from sbn_study.results.export import FinalConfig
 from sbn_study.spec.config import TrialConfig, flatten
 from sbn_study.store.runs import ensure_experiment
 from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri
-from sbn_study.terminal import REDRAW_S
 
 if TYPE_CHECKING:
     from sbn_study.final.progress import SeedProgress
@@ -70,6 +70,7 @@ class FinalOptions:
     gpus_per_seed: float | None = None  # None = 1 when the Ray cluster has GPUs, else 0
     # The suites each tested checkpoint goes through.
     evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
+    verbose: bool = False  # Ray's and MLflow's own lines and the seeds' output too
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ def run_final(
     output = prepare_output(options.output)
     uri = resolve_tracking_uri(options.tracking_uri, None, output)
     check_reachable(uri)
-    started_ray = start_ray(ClusterTarget(address=options.address))
+    if not options.verbose:
+        terminal.quiet_libraries()
+    started_ray = start_ray(ClusterTarget(address=options.address, verbose=options.verbose))
     try:
         return _run(plan, options, output, uri, progress, publish)
     finally:
@@ -215,7 +218,7 @@ def _run(
             progress.start()
         while pending:
             # A timeout, so that the terminal's view (its ETA) moves between the seeds' ends.
-            done, pending = ray.wait(pending, num_returns=1, timeout=REDRAW_S)
+            done, pending = ray.wait(pending, num_returns=1, timeout=terminal.REDRAW_S)
             if not done:
                 if progress is not None:
                     progress.tick()

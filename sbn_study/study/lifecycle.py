@@ -10,7 +10,6 @@ state `--resume` continues from. The dataset is loaded once and shared through R
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sbn_study import terminal
 from sbn_study.errors import UserError
 from sbn_study.spec import StudySpec
 from sbn_study.store.record import StudyRecord
@@ -211,7 +211,7 @@ class Study:
         for key, value in cluster.TUNE_ENV.items():
             os.environ.setdefault(key, value)
         if not self.options.verbose:
-            _quiet_libraries()
+            terminal.quiet_libraries()
         # Before the store's thread starts: MLflow and Ray import modules in common (protobuf).
         ray = cluster.import_ray(self.options.cluster)
 
@@ -410,8 +410,6 @@ class Study:
     def fit(self, tuner: Any) -> bool:
         """Runs Tune to the end or to an interruption; True when every trial ended."""
         # Tune turns the first Ctrl-C into a graceful, checkpointed stop; a second one lands here.
-        from sbn_study import terminal
-
         results = None
         try:
             with contextlib.suppress(KeyboardInterrupt):
@@ -457,18 +455,6 @@ class Study:
             best=best,
             unsent_writes=state.unsent_writes,
         )
-
-
-def _quiet_libraries() -> None:
-    """Before Ray, Tune, Optuna or MLflow build anything: their set-up lines would bury the live view."""
-    # MLflow sets its loggers' level from this when it is imported (its INFO lines on creating a store).
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # in case it was imported already
-    # Tune's warnings about the missing logger files.
-    logging.getLogger("ray.tune").setLevel(logging.ERROR)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study created and per trial sampled
 
 
 def _open_store_and_load(uri: str, config: TrialConfig) -> ImageDataset:
