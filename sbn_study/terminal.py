@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any, TextIO
 
 # A terminal redraw faster than this is not read, and every redraw holds Tune's event loop.
@@ -39,12 +40,13 @@ class LiveDisplay:
         self._live.start()
         _started.add(self)
 
-    def redraw(self, view: Any, force: bool = False) -> None:
-        """Shows `view` on the terminal (at most every REDRAW_S unless `force`); nothing elsewhere."""
+    def redraw(self, make_view: Callable[[], Any], force: bool = False) -> None:
+        """Shows the view `make_view` builds on the terminal (at most every REDRAW_S unless `force`); builds
+        nothing elsewhere."""
         if self._live is None or (not force and time.monotonic() - self._last_redraw < REDRAW_S):
             return
         self._last_redraw = time.monotonic()
-        self._live.update(view, refresh=True)
+        self._live.update(make_view(), refresh=True)
 
     def line(self, text: str) -> None:
         """A line that stays: above the view on a terminal, appended elsewhere."""

@@ -34,16 +34,16 @@ class SeedProgress:
     def start(self) -> None:
         self._started = time.monotonic()
         self.display.start()
-        self.display.redraw(self.view(), force=True)
+        self.display.redraw(self.view, force=True)
 
     def tick(self) -> None:
-        self.display.redraw(self.view())
+        self.display.redraw(self.view)
 
     def ended(self, result: SeedResult) -> None:
         self.waiting.remove((result.arm, result.seed))
         self.statuses[result.status] = self.statuses.get(result.status, 0) + 1
         self.display.line(f"{render.render_seed(result)}  [{self.summary()}]")
-        self.display.redraw(self.view(), force=True)
+        self.display.redraw(self.view, force=True)
 
     def stop(self) -> None:
         self.display.stop()

@@ -89,7 +89,7 @@ class StudyProgress(Callback):
             and _better(value, self._best.get(trial_id), self.mode)
         ):
             self._best[trial_id] = value
-        self.display.redraw(self.view(trials))
+        self.display.redraw(lambda: self.view(trials))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trials, trial, ended_status(trial.last_result, self.max_budget))
@@ -105,18 +105,18 @@ class StudyProgress(Callback):
             f"[{time.strftime('%H:%M:%S')}] {self.trial_name(trial)}: {status} at epoch {epoch}/{self.max_budget}"
             f"{score}"
         )
-        self.display.redraw(self.view(trials), force=True)
+        self.display.redraw(lambda: self.view(trials), force=True)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.display.live:
-            self.display.redraw(self.view(trials))  # the ETA and the clock move between results too
+            self.display.redraw(lambda: self.view(trials))  # the ETA and the clock move between results too
         elif time.monotonic() - self._last_line >= self.interval_s:
             self._last_line = time.monotonic()
             self.display.line(summary_line(self.progress(trials), self.metric))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.display.live:
-            self.display.redraw(self.view(trials), force=True)
+            self.display.redraw(lambda: self.view(trials), force=True)
         else:
             self.display.line(summary_line(self.progress(trials), self.metric))
         self.display.stop()
