@@ -73,6 +73,8 @@ def test_ablation_then_arms_trained_against_the_best_on_fresh_seeds(
         ",".join(arms),
         "--seeds",
         ",".join(map(str, seeds)),
+        "--suites",
+        "none",  # the suites have their own end-to-end test (test_robustness_e2e)
         "--output",
         str(output),
     )
@@ -89,7 +91,15 @@ def test_ablation_then_arms_trained_against_the_best_on_fresh_seeds(
     assert "reference" in rows[0] and all("(n=2)" in row for row in rows[1:])
 
     (folder,) = (output / "final").iterdir()
-    assert {p.name for p in folder.iterdir()} == {"comparison.md", "comparison.tex", "forest_plot.png"}
+    # The comparison's files, and beside them each seed's tested model (what `evaluate` and MLflow load).
+    seed_folders = {f"{arm}-seed{seed}" for arm in plan.arms for seed in seeds}
+    assert {p.name for p in folder.iterdir()} == {
+        "comparison.md",
+        "comparison.tex",
+        "forest_plot.png",
+        *seed_folders,
+    }
+    assert all((folder / name / "MLmodel").is_file() for name in seed_folders)
     assert "\n".join(rows) in (folder / "comparison.md").read_text()
     assert (folder / "comparison.tex").read_text().startswith(r"\begin{tabular}")
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
