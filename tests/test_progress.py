@@ -168,11 +168,14 @@ def test_a_run_in_a_terminal_redraws_one_view_and_elsewhere_prints_only_its_own_
 
 @pytest.mark.slow
 def test_verbose_shows_the_libraries_lines_again(tmp_path: Path) -> None:
+    # A study run in this process (another test's) quieted MLflow through the environment a child inherits.
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_LOGGING_LEVEL"}
     done = subprocess.run(
         run_command(tmp_path, ["search.num_samples=1", "train.epochs=1"], "--num-cpus", "2", "--verbose"),
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Creating initial MLflow database tables" in done.stderr, done.stderr

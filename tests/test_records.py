@@ -78,7 +78,7 @@ def test_trial_runs_carry_system_metrics_per_epoch_and_every_run_the_dataset(
 
 @pytest.mark.slow
 def test_a_seed_model_loads_back_in_one_call_and_gives_the_checkpoint_s_logits(
-    ray_session: None, tmp_path: Path
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
     import numpy as np
@@ -107,7 +107,9 @@ def test_a_seed_model_loads_back_in_one_call_and_gives_the_checkpoint_s_logits(
         "model/checkpoint.pt",
     }
 
-    mlflow.set_tracking_uri(uri)
+    # As the README's `mlflow.set_tracking_uri` would, without leaving the store in this process's
+    # environment for the drivers the tests after this one start (mlflow.set_tracking_uri exports it).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")  # the README's one call
     (checkpoint,) = (output / "final").glob("*/config-seed0/checkpoint.pt")
     saved, state, epoch = load_checkpoint(checkpoint)
