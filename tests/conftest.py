@@ -48,6 +48,21 @@ def run_command(output: Path, overrides: list[str], *extra: str) -> list[str]:
     ]
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_store_left_in_the_environment() -> Iterator[None]:
+    """Every driver a later test starts writes to $MLFLOW_TRACKING_URI: a test that leaves it set (as
+    `mlflow.set_tracking_uri` does) fails here, at its source, instead of the tests after it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    left = os.environ.get("MLFLOW_TRACKING_URI")
+    if left != before:
+        if before is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+        pytest.fail(f"the test left MLFLOW_TRACKING_URI={left!r} in the environment")
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """A local Ray with 2 CPUs for the whole session; shut down only if this fixture started it."""
