@@ -67,6 +67,7 @@ from sbn_study.trial.train import (
     evaluate,
     lr_at,
     make_optimizer,
+    on_device,
     probe_batch,
     resolve_device,
 )
@@ -203,17 +204,9 @@ def _fold(config: TrialConfig, dataset: DomainDataset, target: str, device: torc
     data = split.data
     # Seeded by the target: a fold starts from the same weights whether its trial runs one fold or all.
     torch.manual_seed(_seed_of(tc.seed, "fold", target))
-    model = build_model(config, data.num_classes, len(split.sources)).to(device)
-    memory_format = (
-        torch.channels_last if tc.channels_last and device.type == "cuda" else torch.contiguous_format
+    model, options = on_device(
+        build_model(config, data.num_classes, len(split.sources)), data, tc.channels_last, device
     )
-    model = model.to(memory_format=memory_format)
-    options = {
-        "device": device,
-        "mean": data.mean,
-        "std": data.std,
-        "channels_last": memory_format is torch.channels_last,
-    }
     train = DeviceLoader(
         data.train, tc.batch_size, train=True, augment=config.data.augment, seed=tc.seed, **options
     )

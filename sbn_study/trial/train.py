@@ -103,6 +103,24 @@ def evaluate(model: nn.Module, loader: DeviceLoader, *, amp: bool = False) -> tu
     return loss_sum.item() / n, correct.item() / n
 
 
+def on_device(
+    model: nn.Module, dataset: ImageDataset, channels_last: bool, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model on `device` in the memory format training uses there, and the DeviceLoader options that feed
+    it in the same format with the dataset's normalization."""
+    # channels_last pays off only in CUDA's convolution kernels.
+    memory_format = (
+        torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+    )
+    options = {
+        "device": device,
+        "mean": dataset.mean,
+        "std": dataset.std,
+        "channels_last": memory_format is torch.channels_last,
+    }
+    return model.to(device, memory_format=memory_format), options
+
+
 def probe_batch(dataset: ImageDataset, config: TrialConfig, device: torch.device) -> torch.Tensor:
     # A fixed batch (the first images of the validation split, unaugmented) so that every measurement,
     # in every trial, looks at the same inputs.
@@ -138,18 +156,11 @@ def train(
     dataset = dataset if dataset is not None else load_dataset(config.data)
 
     input_size = (dataset.train.images.shape[-2], dataset.train.images.shape[-1])
-    model = create_model_from_config(config.model, config.norm, dataset.num_classes, input_size).to(device)
-    memory_format = torch.channels_last if tc.channels_last and on_cuda else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = create_model_from_config(config.model, config.norm, dataset.num_classes, input_size)
+    model, loader_options = on_device(model, dataset, tc.channels_last, device)
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model) if tc.compile else model
 
-    loader_options = {
-        "device": device,
-        "mean": dataset.mean,
-        "std": dataset.std,
-        "channels_last": memory_format is torch.channels_last,
-    }
     train_loader = DeviceLoader(
         dataset.train, tc.batch_size, train=True, augment=config.data.augment, seed=tc.seed, **loader_options
     )
