@@ -238,6 +238,23 @@ def test_a_queued_study_extended_and_warm_started_agrees_with_mlflow(
         open_client(f"sqlite:///{output / 'mlflow.db'}"), extended.experiment_id, extended.parent_run_id
     )
     assert sorted(run.info.run_name.split()[0] for run in runs) == ["t1", "t2", "t3", "t4", "t5", "t6"]
+    # The parent's progress charts go on from the first execution's: all six trials counted, the best of all.
+    from sbn_study.protocol import RANKED_STATUSES
+    from sbn_study.store import ui
+    from sbn_study.store.runs import STATUS_TAG
+    from sbn_study.tune.callbacks import ENDED_STATUSES
+
+    client = open_client(f"sqlite:///{output / 'mlflow.db'}")
+    progress = client.get_run(extended.parent_run_id).data.metrics
+    counts = {status: progress[ui.trials_with_status(status)] for status in ENDED_STATUSES}
+    assert progress[ui.TRIALS_FINISHED] == sum(counts.values()) == 6, progress
+    assert counts == {s: sum(r.data.tags[STATUS_TAG] == s for r in runs) for s in ENDED_STATUSES}
+    bests = [
+        max(m.value for m in client.get_metric_history(r.info.run_id, "val_acc"))
+        for r in runs
+        if r.data.tags[STATUS_TAG] in RANKED_STATUSES
+    ]
+    assert progress[ui.best_so_far("val_acc")] == max(bests)
 
     warm = run([*QUEUED, "name=e2e-warm", "search.num_samples=2", "search.warm_start=e2e-small"])
     study = optuna.load_study(study_name=warm.optuna_study, storage=f"sqlite:///{output / 'optuna.db'}")

@@ -22,7 +22,7 @@ from sbn_study.store import writer as writing
 from sbn_study.store.record import StudyRecord
 from sbn_study.store.runs import ensure_experiment
 from sbn_study.store.writer import STAND_IN_PREFIX, RunWriter
-from sbn_study.tune.callbacks import TrackingCallback
+from sbn_study.tune.callbacks import TrackingCallback, progress_metrics
 from tests.conftest import QUICKSTART
 
 # Far below what one sqlite write costs, far above what appending to a queue costs.
@@ -364,6 +364,22 @@ def test_the_parent_run_describes_the_study_and_counts_its_trials_as_they_end(
     assert tags[ui.EXPERIMENT_KIND_TAG] == ui.MODEL_TRAINING
     assert json.loads(tags[ui.VIEW_TAG])["orderByKey"] == "metrics.`val_acc`"
     writer.close()
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_an_extensions_progress_adds_to_the_executions_it_extends(mode: str) -> None:
+    from sbn_study.store import ui
+
+    spec = load_spec(QUICKSTART, [f"search.mode={mode}"])
+    earlier = progress_metrics(spec, ["completed", "stopped_early", "completed", "error"], [0.4])
+    assert earlier[ui.trials_with_status("completed")] == 2 and earlier[ui.trials_with_status("error")] == 1
+    now = progress_metrics(spec, ["completed", "diverged"], [0.3, 0.5], earlier)
+    expected = {"completed": 3, "stopped_early": 1, "diverged": 1, "error": 1}
+    assert {status: now[ui.trials_with_status(status)] for status in expected} == expected
+    assert now[ui.best_so_far("val_acc")] == (0.5 if mode == "max" else 0.3)
+    # Nothing ranked in this execution yet: the best stays the earlier one.
+    assert progress_metrics(spec, ["error"], [], earlier)[ui.best_so_far("val_acc")] == 0.4
+    assert ui.best_so_far("val_acc") not in progress_metrics(spec, ["error"], [])
 
 
 def test_runs_of_trials_a_resume_does_not_know_are_ended_and_deleted(

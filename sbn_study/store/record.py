@@ -80,6 +80,10 @@ class StudyRecord:
         writer.flush(deadline_s=FINISH_WAIT_S)
         return writer.save_unsent()
 
+    def parent_metrics(self) -> dict[str, float]:
+        """The parent run's metrics, each at its latest step."""
+        return dict(self._client().get_run(self.handle.parent_run_id).data.metrics)
+
     def trial_runs(self) -> list[Any]:
         return trial_runs(self._client(), self.handle.experiment_id, self.handle.parent_run_id)
 

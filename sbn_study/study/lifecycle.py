@@ -23,6 +23,7 @@ from sbn_study.errors import UserError
 from sbn_study.spec import StudySpec
 from sbn_study.store.record import StudyRecord
 from sbn_study.store.runs import KIND_TAG, STATE_FILE_TAG, create_store, ensure_experiment, running_study_runs
+from sbn_study.store.ui import best_so_far
 from sbn_study.store.uri import (
     check_reachable,
     redact_uri,
@@ -316,10 +317,17 @@ class Study:
     def _extend(self, state: StudyState) -> None:
         """Reopens the record of the finished execution of `state` for the trials a larger `num_samples` adds:
         a new Tune experiment of only those, under the same parent run, sampled by the same Optuna study."""
+        from sbn_study.tune.callbacks import progress_metrics
+
         handle = RecordHandle(self.uri, state.experiment_id, state.parent_run_id, self.unsent_path)
         self.record = StudyRecord.resume(handle)
         self.state = state
-        state.earlier_trials = sorted(self.record.trial_statuses())
+        statuses = self.record.trial_statuses()
+        state.earlier_trials = sorted(statuses)
+        best = self.record.parent_metrics().get(best_so_far(self.spec.search.metrics[0]))
+        state.earlier_progress = progress_metrics(
+            self.spec, statuses.values(), [] if best is None else [best]
+        )
         state.status, state.spec = "running", self.trials_spec
         # Its own Tune folder: Tune's saved state of the finished one holds its number of samples.
         state.tune_path = self._tune_path(f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -382,7 +390,13 @@ class Study:
         storage, name = self.state.tune_storage_and_name
         earlier = len(self.state.earlier_trials or ())
         callbacks = [
-            TrackingCallback(spec, self.record.handle, earlier, dataset_inputs(dataset, spec.data)),
+            TrackingCallback(
+                spec,
+                self.record.handle,
+                earlier,
+                dataset_inputs(dataset, spec.data),
+                self.state.earlier_progress or {},
+            ),
             StudyProgress(spec, self.options.progress_interval_s, earlier),
         ]
         # The study's name in Optuna: the parent run's, which an extension keeps.

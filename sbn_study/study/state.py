@@ -97,6 +97,8 @@ class StudyState:
     # The trial ids of the executions a larger num_samples extended (`--resume` of a finished study): their
     # runs are the parent run's, their Tune trials another Tune experiment's.
     earlier_trials: list[str] | None = None
+    # The parent run's progress metrics at the end of those executions (`TrackingCallback` adds this one's).
+    earlier_progress: dict[str, float] | None = None
     # Set when an execution ends.
     unsent_writes: int | None = None
     unsent_path: str | None = None

@@ -6,7 +6,7 @@ tracking callback builds its writer in `setup`, where Tune's loop runs (on the h
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ray.tune import Callback
@@ -47,10 +47,13 @@ class TrackingCallback(Callback):
         record: RecordHandle,
         earlier: int = 0,
         inputs: Sequence[Mapping[str, Any]] = (),
+        earlier_progress: Mapping[str, float] | None = None,
     ) -> None:
         self.spec = spec
         self.record = record
         self.earlier = earlier  # trials of the executions this one extends: the first run is t{earlier + 1}
+        # The parent's progress metrics at the end of those executions (`progress_metrics`): this one's add to them.
+        self.earlier_progress = dict(earlier_progress or {})
         # The dataset inputs (`trial.inputs`) of the parent run and of every trial run: the trials share the
         # driver's one dataset, and one more queued write per trial costs next to nothing.
         self.inputs = [dict(i) for i in inputs]
@@ -148,29 +151,46 @@ class TrackingCallback(Callback):
         self.writer.flush(deadline_s=FINISH_WAIT_S, retry_away=False)
 
     def _log_progress(self, trials: dict[str, Any]) -> None:
-        """The study's progress on its parent run at step = trials finished: how many ended each way and the
-        best value of its metric among them (each trial's best epoch, as `export` ranks them), so that the
+        """The study's progress on its parent run at step = trials finished (`progress_metrics`), so that the
         parent's charts show the study advancing. Trials restored by a resume count by Tune's state."""
         budget, metric, mode = self.spec.max_budget, self.spec.search.metrics[0], self.spec.search.modes[0]
         ended = {i: trial_state(t, budget) for i, t in trials.items() if i not in self._ended} | self._ended
         ended = {i: state for i, state in ended.items() if state in ENDED_STATUSES}
-        metrics = {trials_with_status(s): sum(state == s for state in ended.values()) for s in ENDED_STATUSES}
-        # An extension's trials follow the earlier ones on the chart (their counts by status and best value
-        # are this execution's).
-        metrics[TRIALS_FINISHED] = self.earlier + len(ended)
         bests = [
             trial.metric_analysis[metric][mode]
             for i, trial in trials.items()
             if ended.get(i) in RANKED_STATUSES and metric in trial.metric_analysis
         ]
-        if bests:
-            metrics[best_so_far(metric)] = max(bests) if mode == "max" else min(bests)
+        metrics = progress_metrics(self.spec, ended.values(), bests, self.earlier_progress)
+        metrics[TRIALS_FINISHED] = self.earlier + len(ended)
         self.writer.log_parent_metrics(metrics, step=metrics[TRIALS_FINISHED])
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.writer.flush(deadline_s=END_WAIT_S)
         # Stops the writer too, even with nothing to save: the driver then ends the record with its own.
         self.writer.save_unsent()
+
+
+def progress_metrics(
+    spec: StudySpec,
+    statuses: Iterable[str],
+    bests: Iterable[float],
+    earlier: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """The parent run's progress metrics: how many trials ended each way (`statuses`) and the best value of the
+    study's metric among them (`bests`: each ranked trial's best epoch, as `export` ranks them), together with
+    the `earlier` ones of the executions a larger `num_samples` extends."""
+    earlier = earlier or {}
+    metric, mode = spec.search.metrics[0], spec.search.modes[0]
+    statuses = list(statuses)
+    metrics = {
+        trials_with_status(s): earlier.get(trials_with_status(s), 0) + sum(state == s for state in statuses)
+        for s in ENDED_STATUSES
+    }
+    bests = [*bests, *([earlier[best_so_far(metric)]] if best_so_far(metric) in earlier else [])]
+    if bests:
+        metrics[best_so_far(metric)] = max(bests) if mode == "max" else min(bests)
+    return metrics
 
 
 def trial_state(trial: Any, max_budget: int) -> str:
