@@ -157,27 +157,29 @@ def test_burn_in_and_a_window_of_one_are_batch_norm(burnin: int, window: int, mo
     torch.testing.assert_close(model[1].running_var, bn.running_var, rtol=0, atol=0)
 
 
+def sgd_step(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One plain gradient step on the sum of squared outputs; the outputs it was taken on."""
+    y = net(x)
+    y.square().sum().backward()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter -= 0.01 * parameter.grad
+            parameter.grad = None
+    return y.detach()
+
+
 def test_the_window_is_state_a_resumed_model_continues_exactly() -> None:
     model = _model(burnin=1)
     inputs = torch.randn(7, 4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
 
-    def step(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = net(x)
-        y.square().sum().backward()
-        with torch.no_grad():
-            for parameter in net.parameters():
-                parameter -= 0.01 * parameter.grad
-                parameter.grad = None
-        return y.detach()
-
     for x in inputs[:4]:
-        step(model, x)
+        sgd_step(model, x)
     state = copy.deepcopy(model.state_dict())
     assert {"1.mean_grads", "1.square_offsets", "1.recorded", "1.num_batches_tracked"} <= state.keys()
     resumed = _model(burnin=1)
     resumed.load_state_dict(state)
     for x in inputs[4:]:
-        assert torch.equal(step(model, x), step(resumed, x))
+        assert torch.equal(sgd_step(model, x), sgd_step(resumed, x))
 
 
 @pytest.mark.parametrize(("burnin", "steps", "momentum"), [(1, 3, MOMENTUM), (5, 0, None)])

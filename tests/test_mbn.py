@@ -12,6 +12,7 @@ from sbn_study.trial.data import load_dataset
 from sbn_study.trial.mbn import MemorizedBatchNorm2d, install_double_forward
 from sbn_study.trial.models import create_model
 from sbn_study.trial.train import train
+from tests.test_cbn import sgd_step
 from tests.test_train import tiny_config
 
 CHANNELS, WINDOW, EPS = 4, 3, 1e-3
@@ -146,17 +147,8 @@ def test_the_memory_is_state_a_resumed_model_continues_exactly() -> None:
     model = _model()
     inputs = torch.randn(7, 3, 2, 5, 5, generator=torch.Generator().manual_seed(3))
 
-    def step(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = net(x)
-        y.square().sum().backward()
-        with torch.no_grad():
-            for parameter in net.parameters():
-                parameter -= 0.01 * parameter.grad
-                parameter.grad = None
-        return y.detach()
-
     for x in inputs[:4]:
-        step(model, x)
+        sgd_step(model, x)
     model.eval()(inputs[0])  # the evaluation that ends an epoch runs the last extra forward
     state = copy.deepcopy(model.state_dict())
     assert {"1.memory_mean", "1.memory_var", "1.memorized"} <= state.keys()
@@ -165,7 +157,7 @@ def test_the_memory_is_state_a_resumed_model_continues_exactly() -> None:
     for net in (model, resumed):
         net.train()
     for x in inputs[4:]:
-        assert torch.equal(step(model, x), step(resumed, x))
+        assert torch.equal(sgd_step(model, x), sgd_step(resumed, x))
 
 
 def test_the_double_forward_is_installed_once_and_only_when_asked() -> None:

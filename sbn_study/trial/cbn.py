@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sbn_study.trial.norm_state import add_affine, add_running_statistics
+
 
 class CrossIterationBatchNorm2d(nn.Module):
     """CBN over a window of `window` iterations; `follow(conv)` names the conv whose output it normalizes
@@ -54,14 +56,11 @@ class CrossIterationBatchNorm2d(nn.Module):
         self.burnin = burnin
         self.eps = eps
         self.momentum = momentum
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        add_affine(self, num_features, affine)
         self.running_mean: torch.Tensor
         self.running_var: torch.Tensor
         self.num_batches_tracked: torch.Tensor
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        add_running_statistics(self, num_features)
         self.register_buffer("recorded", torch.tensor(0, dtype=torch.long))
         self._allocate(0)
         # Mirrors of the two counts: reading the buffers would wait on the device at every step.

@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sbn_study.trial.norm_state import add_affine
+
 
 class MemorizedBatchNorm2d(nn.Module):
     """MBN with a memory of `window` batches; `refreshing` is set by the Double-Forward's extra forward."""
@@ -49,8 +51,7 @@ class MemorizedBatchNorm2d(nn.Module):
         self.eps = eps
         self.double_forward = double_forward
         self.refreshing = False
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        add_affine(self, num_features, affine)
         self.memory_mean: torch.Tensor
         self.memory_var: torch.Tensor
         self.memorized: torch.Tensor

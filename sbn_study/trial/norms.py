@@ -54,6 +54,7 @@ from sbn_study.spec.config import NormConfig
 from sbn_study.trial.bne import DomainBatchNorm2d
 from sbn_study.trial.cbn import CrossIterationBatchNorm2d, link_preceding_convs
 from sbn_study.trial.mbn import MemorizedBatchNorm2d, install_double_forward
+from sbn_study.trial.norm_state import add_affine, add_running_statistics
 from sbn_study.trial.proxynorm import ProxyNormAct2d
 from sbn_study.trial.sbn import SpectralBatchNorm2d
 from sbn_study.trial.sbn_ablations import (
@@ -95,14 +96,11 @@ class BatchGroupNorm2d(nn.Module):
         self.num_groups = num_groups
         self.eps = eps
         self.momentum = momentum
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        add_affine(self, num_features, affine)
         self.running_mean: torch.Tensor
         self.running_var: torch.Tensor
         self.num_batches_tracked: torch.Tensor
-        self.register_buffer("running_mean", torch.zeros(num_groups))
-        self.register_buffer("running_var", torch.ones(num_groups))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        add_running_statistics(self, num_groups)
 
     def extra_repr(self) -> str:
         return (

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from sbn_study.trial.norm_state import add_affine
+
 
 def relu_moments(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean and variance of ReLU(Z) for Z ~ N(mean, std²), elementwise."""
@@ -44,8 +46,7 @@ class ProxyNormAct2d(nn.Module):
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        add_affine(self, num_features, affine)
         self.proxy_bias = nn.Parameter(torch.zeros(num_features))
         self.proxy_weight = nn.Parameter(torch.zeros(num_features))
 
