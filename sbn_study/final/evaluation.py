@@ -313,11 +313,8 @@ def evaluate_checkpoint(path: Path, options: EvaluationOptions) -> CheckpointEva
 def evaluate_run(uri: str, run_id: str, options: EvaluationOptions) -> CheckpointEvaluation:
     """The suites on the checkpoint of a seed run of `sbn-study train`, logged to that run: the figures at
     the tested epoch's step, as `train` logs them, and the files as its `evaluation/` artifacts."""
-    import os
     import tempfile
 
-    # MLflow draws a progress bar on stderr for every download; one small file needs none.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 

@@ -72,8 +72,6 @@ def open_store(uri: str) -> MlflowClient:
         raise UserError(
             f"tracking store {redact_uri(uri)} does not exist (run a study first, or pass --tracking-uri)"
         )
-    # Progress bars for single small YAML artifacts would clutter terminals and notebooks.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # With HTTP retries and timeouts bounded: a server that stops answering fails a read in seconds, not minutes.
     return open_client(uri)
 

@@ -31,6 +31,8 @@ def open_client(uri: str) -> Any:
     # would otherwise stall the whole study for minutes inside one call.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # MLflow draws a progress bar on stderr for every artifact download; the small files read back need none.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
