@@ -33,7 +33,8 @@ def study_outcome(**changes: Any) -> StudyOutcome:
         "tune_path": "/runs/ray/demo-20250101-000000",
         "trial_statuses": {"t1": "completed", "t2": "stopped_early", "t3": "completed", "t4": "error"},
         "best": {
-            "trial_id": "t3",
+            "trial_id": "6d9ee71e",
+            "run_name": "t3 sbn23 lr=0.05",
             "status": "completed",
             "metric": "val_acc",
             "value": 0.91234,
@@ -53,10 +54,10 @@ def test_outcome_names_the_best_trial_its_parameters_and_counts_by_status() -> N
     assert study_render.render_outcome(study_outcome()).splitlines() == [
         "",  # apart from the live table above
         "study 'demo' finished: 2 completed, 1 error, 1 stopped_early",
-        "best trial t3 (completed): val_acc = 0.9123 at epoch 7",
+        "best trial t3 sbn23 (completed): val_acc = 0.9123 at epoch 7",
         "  norm.placement = 23",
         "  train.lr = 0.05",
-        "  MLflow run run-t3",
+        "  MLflow run run-t3 · Tune trial 6d9ee71e",
         f"results: MLflow {URI} (experiment 'demo'), Tune state /runs/ray/demo-20250101-000000",
         f"browse:  sbn-study ui --tracking-uri '{URI}'",
         "runs:    http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
@@ -141,7 +142,7 @@ def test_interrupted_run_prints_the_summary_then_the_resume_hint_and_exits_130(
     assert (code, seen) == (130, [(3, Path("elsewhere"))])
     lines = out.splitlines()
     assert lines[0].startswith("sbn-study: starting study 'sbn-quickstart': 3 trials")
-    assert "best trial t3 (completed): val_acc = 0.9123 at epoch 7" in lines
+    assert "best trial t3 sbn23 (completed): val_acc = 0.9123 at epoch 7" in lines
     assert lines[-1] == (
         f"resume:  sbn-study run {QUICKSTART} --resume --set search.num_samples=3 --output elsewhere"
     )

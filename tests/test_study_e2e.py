@@ -75,7 +75,7 @@ def test_best_trial_summary_points_at_a_real_run(small_study: FinishedStudy) -> 
 
     best = small_study.outcome.best
     runs = {r.info.run_id: r for r in trial_runs(small_study)}
-    assert best["run_id"] in runs
+    assert best["run_id"] in runs and best["run_name"] == runs[best["run_id"]].info.run_name
     # The best value over epochs, as `sbn-study export` ranks trials: not each run's last value.
     client = MlflowClient(small_study.tracking_uri)
     best_of = {

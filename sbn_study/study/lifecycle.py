@@ -524,6 +524,7 @@ def _best_trial(uri: str, spec: StudySpec, state: StudyState) -> dict[str, Any] 
     return {
         "trial_id": best["trial_id"],
         "run_id": best["run_id"],
+        "run_name": best["run_name"],
         "metric": table.attrs["metric"],
         "value": float(best[score]),
         "epoch": int(best["best_epoch"]),

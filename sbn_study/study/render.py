@@ -81,12 +81,14 @@ def render_outcome(outcome: StudyOutcome) -> str:
     ]
     best = outcome.best
     if best:
+        # Its number and arm, as the progress lines named it; its values follow, one a line.
+        label = " ".join(best["run_name"].split()[:2])
         lines.append(
-            f"best trial {best['trial_id']} ({best['status']}): {best['metric']} = {best['value']:.4f} "
+            f"best trial {label} ({best['status']}): {best['metric']} = {best['value']:.4f} "
             f"at epoch {best['epoch']}"
         )
         lines += [f"  {key} = {value}" for key, value in best["params"].items()]
-        lines.append(f"  MLflow run {best['run_id']}")
+        lines.append(f"  MLflow run {best['run_id']} · Tune trial {best['trial_id']}")
     lines.append(
         f"results: MLflow {outcome.tracking_uri} (experiment '{outcome.name}'), Tune state {outcome.tune_path}"
     )
