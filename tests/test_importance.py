@@ -296,7 +296,7 @@ def test_report_warns_of_a_short_run_on_top_and_gives_the_fidelity_of_each_rung(
     ).astype({"n": int})
     lines = render_report(table, URI, top=2, fidelity=fidelity).splitlines()
     assert lines[-3:] == [
-        "warning: trial b ranks above full-budget trials with a val_acc from 1 of 4 epochs "
+        "warning: trial t2 ranks above full-budget trials with a val_acc from 1 of 4 epochs "
         "(outranks_full_budget): not a comparable score",
         "fidelity: rung 1 → final: Spearman ρ = 0.83 (n = 5)",
         "fidelity: rung 2 → final: Spearman ρ = n/a (n = 2)",

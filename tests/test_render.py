@@ -160,6 +160,7 @@ def trials_table(rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
         [
             {
                 "trial_id": trial_id,
+                "run_name": f"t{i + 1} sbn23 lr={0.01 * (i + 1):.2f}",
                 "status": status,
                 "epochs": epochs,
                 "best_val_acc": best,
@@ -195,8 +196,17 @@ def test_report_counts_statuses_compute_and_lists_the_best_trials_first() -> Non
         "best trials by best val_acc:",
     ]
     header, *rows = lines[4:]
-    assert header.split() == ["trial_id", "status", "epochs", "best_val_acc", "best_epoch", "arm", "train.lr"]
-    assert [row.split()[0] for row in rows] == ["c", "a"]  # top 2, best first
+    assert header.split() == [
+        "trial",
+        "trial_id",
+        "status",
+        "epochs",
+        "best_val_acc",
+        "best_epoch",
+        "arm",
+        "train.lr",
+    ]
+    assert [row.split()[:2] for row in rows] == [["t3", "c"], ["t1", "a"]]  # top 2, best first
 
 
 def test_report_of_a_study_without_trials() -> None:

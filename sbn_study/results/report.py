@@ -44,12 +44,24 @@ def render_report(table: pd.DataFrame, uri: str, top: int, fidelity: pd.DataFram
             f"compute: {table['compute_s'].sum():.1f} s of training over {int(table['epochs'].sum())} "
             f"trial-epochs (Σ epoch_time_s); metric {metric} ({mode}), full budget {budget} epochs"
         )
-        best = best_trials(table, f"best_{metric}", mode, top)
-        shown = ["trial_id", "status", "epochs", f"best_{metric}", "best_epoch", "arm", *attrs["searched"]]
+        # The trial's number, as its MLflow run and the progress lines name it.
+        best = best_trials(table, f"best_{metric}", mode, top).assign(
+            trial=lambda t: t["run_name"].str.split().str[0]
+        )
+        shown = [
+            "trial",
+            "trial_id",
+            "status",
+            "epochs",
+            f"best_{metric}",
+            "best_epoch",
+            "arm",
+            *attrs["searched"],
+        ]
         lines.append(f"best trials by best {metric}:")
         lines.append(best[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         lines.extend(
-            f"warning: trial {row['trial_id']} ranks above full-budget trials with a {metric} from "
+            f"warning: trial {row['trial']} ranks above full-budget trials with a {metric} from "
             f"{row['epochs']} of {budget} epochs (outranks_full_budget): not a comparable score"
             for row in best[best["outranks_full_budget"]].to_dict("records")
         )
