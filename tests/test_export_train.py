@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from sbn_study import cli
-from sbn_study.results.export import Provenance
+from sbn_study.results.export import Provenance, export_name
 from sbn_study.spec.config import TrialConfig, flatten
-from tests.conftest import FinishedStudy
+from tests.conftest import QUICKSTART, FinishedStudy
 from tests.test_analysis import copy_with_new_execution
 from tests.test_train import tiny_config
 
@@ -60,6 +60,21 @@ def test_validate_checks_a_final_config_like_a_spec(
         "sbn_center, sbn_noaffine, sbn_nospike, sbn_var, scale, spike or package.module:Factory, got 'foo'",
         "error: norm.placement: stage 4 does not exist in tiny (stages 1-3)",
     ]
+
+
+def test_train_given_a_study_spec_says_to_export_a_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "train", str(QUICKSTART), "--seeds", "1,2") == (
+        2,
+        "",
+        f"error: {QUICKSTART}: a study spec (it has search:), not one trial's configuration: export the "
+        "configs of a study's best trials with `sbn-study export STUDY` and train those\n",
+    )
+
+
+def test_exported_files_list_in_rank_order() -> None:
+    names = [export_name("s", rank, 12, "t") for rank in range(1, 13)]
+    assert sorted(names) == names and names[0] == "s-top01-t.yaml"
+    assert export_name("s", 3, 3, "abc") == "s-top3-abc.yaml"
 
 
 def test_a_seed_tests_the_weights_of_its_best_validation_epoch_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,12 @@ class Exported:
     not_trainable: str | None = None  # why `sbn-study train` refuses the config, if it does
 
 
+def export_name(study: str, rank: int, ranks: int, trial_id: str) -> str:
+    """`<study>-top<rank>-<trial id>.yaml`, the rank padded to the width of the last of `ranks`, so that a
+    folder listing keeps the files in rank order."""
+    return f"{study}-top{rank:0{len(str(ranks))}d}-{trial_id}.yaml"
+
+
 def export_best(
     uri: str, study: str, top_k: int, out_dir: Path, *, execution: str | None = None
 ) -> list[Exported]:
@@ -110,7 +116,7 @@ def export_best(
         with tempfile.TemporaryDirectory() as folder:
             text = Path(client.download_artifacts(row["run_id"], "config.yaml", folder)).read_text()
         config = TrialConfig.model_validate(yaml.safe_load(text))
-        path = out_dir / f"{study}-top{rank}-{row['trial_id']}.yaml"
+        path = out_dir / export_name(study, rank, len(ranked), row["trial_id"])
         document = {**config.model_dump(mode="json"), "provenance": provenance.model_dump(mode="json")}
         not_trainable = multi_domain_refusal(config.data, "final training")
         path.write_text(_header(provenance, path, not_trainable) + dump_yaml(document))

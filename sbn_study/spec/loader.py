@@ -287,6 +287,13 @@ def load_trial_config(
     overrides and the same error lines. `model` may extend TrialConfig with more sections.
     """
     data, errors = _prepared(read_yaml(path, "config"), overrides, str(path))
+    if "search" in data:
+        raise SpecError(
+            [
+                f"{path}: a study spec (it has search:), not one trial's configuration: export the configs of "
+                "a study's best trials with `sbn-study export STUDY` and train those"
+            ]
+        )
     config: TrialModel | None = None
     try:
         config = model.model_validate(data)
