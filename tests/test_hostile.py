@@ -469,6 +469,20 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_exit_143() -> None:
     )
 
 
+def test_a_sigterm_sent_again_is_the_same_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `timeout` and a process-group kill send it to the driver twice; two requests would be two Ctrl-Cs.
+    from sbn_study.study import stopping
+
+    interrupts: list[int] = []
+    monkeypatch.setattr(stopping.os, "kill", lambda pid, sig: interrupts.append(sig))
+    with stopping.sigterm_stops_like_ctrl_c():
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)
+        assert interrupts == [signal.SIGINT] and stopping.requested() == stopping.TERMINATED
+
+
 def test_starting_ray_keeps_the_callers_sigterm_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 

@@ -86,12 +86,20 @@ def listening_addresses(pid: int) -> set[str]:
 
 def test_the_embedded_ray_listens_on_loopback_and_sigterm_stops_a_study_resumably(tmp_path: Path) -> None:
     lr = "search.space.train.lr={loguniform: [0.01, 0.2]}"  # an override the resume hint must quote
-    driver = start_driver(tmp_path, [lr])
+    # As a batch script runs it: under `timeout`, whose process group the driver is in without leading it.
+    # SIGTERM then comes as `timeout` (or `kill -- -PGID`) sends it: to the whole group, the driver twice.
+    driver = subprocess.Popen(
+        ["timeout", "900", *run_command(tmp_path, [lr], "--num-cpus", "2")],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: an_epoch_logged(tmp_path), driver)
         # GCS, raylet, object manager, workers: nothing a machine on the network can reach.
         assert listening_addresses(driver.pid) <= {"127.0.0.1", "::ffff:127.0.0.1"}
-        driver.send_signal(signal.SIGTERM)  # what a batch scheduler sends the driver
+        os.killpg(driver.pid, signal.SIGTERM)
         out, err = driver.communicate(timeout=120)
     finally:
         kill_tree(driver)

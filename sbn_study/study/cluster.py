@@ -4,11 +4,12 @@ Ray Client needs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeGuard, TypeVar
 
@@ -105,8 +106,29 @@ def _start_ray(target: ClusterTarget) -> bool:
             ) from None
         return True
     # An exposed Ray dashboard lets anyone run code on the cluster: keep it off on the embedded Ray.
-    ray.init(num_cpus=target.num_cpus or os.cpu_count(), include_dashboard=False, **common)
+    with _started_in_a_process_group_of_their_own():
+        ray.init(num_cpus=target.num_cpus or os.cpu_count(), include_dashboard=False, **common)
     return True
+
+
+@contextlib.contextmanager
+def _started_in_a_process_group_of_their_own() -> Iterator[None]:
+    """The processes started meanwhile (the embedded Ray's) get a process group of their own. A signal to the
+    driver's group (`timeout`, `kill -TERM -- -PGID`) then reaches the driver, not Ray under it: the study stops
+    as after Ctrl-C and then stops Ray, instead of Tune losing Ray midway (runs left open, the driver ended by
+    Ray's abort a minute later). A driver that leads its group (a shell's job) cannot, and leaves them in it."""
+    group = os.getpgrp()
+    moved = False
+    if group != os.getpid():
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+            moved = True
+    try:
+        yield
+    finally:
+        if moved:
+            with contextlib.suppress(OSError):  # the group is gone: its signals cannot come
+                os.setpgid(0, group)
 
 
 def _join(address: str, init_args: dict[str, Any], client_attempts: int = 3) -> None:

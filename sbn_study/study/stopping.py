@@ -59,11 +59,18 @@ def sigterm_stops_like_ctrl_c() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: request_stop(TERMINATED))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(*_: object) -> None:
+    # One stop, however often it comes: `timeout` and process-group kills send it to the driver twice (its
+    # pid and its group), and a second Ctrl-C would make Tune's stop immediate, without its saved state.
+    if not _requested:
+        request_stop(TERMINATED)
 
 
 @dataclass(frozen=True)
