@@ -483,6 +483,27 @@ def test_a_sigterm_sent_again_is_the_same_stop(monkeypatch: pytest.MonkeyPatch) 
         assert interrupts == [signal.SIGINT] and stopping.requested() == stopping.TERMINATED
 
 
+def test_a_watched_ray_process_that_ends_closes_the_study_once_with_the_reason() -> None:
+    import threading
+
+    from sbn_study.study import stopping
+
+    raylet = subprocess.Popen(["sleep", "60"])  # not reaped: an ended child stays a zombie, as Ray's do
+    closed = threading.Event()
+    with stopping.sigterm_stops_like_ctrl_c():  # a fresh reason
+        with stopping.close_when_ray_is_lost({"raylet": raylet.pid}, closed.set, poll_s=0.05):
+            time.sleep(0.3)
+            assert not closed.is_set()
+            os.kill(raylet.pid, signal.SIGKILL)
+            assert closed.wait(10)
+        assert stopping.requested() == stopping.Stop(
+            "error: the embedded Ray's raylet process ended under the study: every run is closed; continue "
+            "the study with --resume",
+            1,
+        )
+    raylet.wait()
+
+
 def test_starting_ray_keeps_the_callers_sigterm_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 

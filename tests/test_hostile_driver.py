@@ -116,6 +116,34 @@ def test_the_embedded_ray_listens_on_loopback_and_sigterm_stops_a_study_resumabl
     assert_finished(tmp_path, resumed)
 
 
+def test_ray_ending_under_a_study_closes_it_at_once_and_resumably(tmp_path: Path) -> None:
+    import psutil
+
+    # What the OOM killer, `ray stop` or a scheduler that signals every process of the job do to the study.
+    driver = start_driver(tmp_path, [])
+    try:
+        wait_for(lambda: an_epoch_logged(tmp_path), driver)
+        (gcs,) = [p for p in psutil.Process(driver.pid).children() if p.name() == "gcs_server"]
+        gcs.kill()
+        # Closed by the study itself, well before Ray's core worker would end the driver (after 60 s).
+        out, err = driver.communicate(timeout=45)
+    finally:
+        kill_tree(driver)
+    assert driver.returncode == 1, err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    assert (
+        "error: the embedded Ray's gcs_server process ended under the study: every run is closed; continue the "
+        "study with --resume"
+    ) in err.splitlines()
+    assert "resume:  sbn-study run " in out
+    assert json.loads(state_path(tmp_path, NAME).read_text())["status"] == "interrupted"
+    assert runs(tmp_path) and all(run.info.status != "RUNNING" for run in runs(tmp_path))
+    resumed = subprocess.run(
+        run_command(tmp_path, [], "--resume"), capture_output=True, text=True, timeout=300
+    )
+    assert_finished(tmp_path, resumed)
+
+
 def test_a_disk_that_fills_up_stops_the_study_cleanly_and_resumably(tmp_path: Path) -> None:
     with small_disk(tmp_path / "disk", "64m") as disk:
         output = disk / "out"

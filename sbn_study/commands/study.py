@@ -73,24 +73,17 @@ def _run(args: argparse.Namespace) -> int:
 
     from sbn_study.spec import load_spec
     from sbn_study.study import render
-    from sbn_study.study.lifecycle import RunOptions, run_study
+    from sbn_study.study.lifecycle import RunOptions, StudyOutcome, run_study
 
     spec = load_spec(args.spec, args.overrides)
     common.print_err(render.spec_warnings(spec))
     spec_text = Path(args.spec).read_text()
-    options = RunOptions(
-        output=Path(args.output),
-        address=args.address,
-        tracking_uri=args.tracking_uri,
-        resume=args.resume,
-        num_cpus=args.num_cpus,
-        verbose=args.verbose,
-    )
-    print(render.render_start(spec, args.resume), flush=True)
-    outcome = run_study(spec, spec_text, options)
-    print(render.render_outcome(outcome))
-    common.print_err(render.outcome_warnings(outcome, options.output))
-    if outcome.status == "interrupted":
+
+    def report(outcome: StudyOutcome) -> int:
+        print(render.render_outcome(outcome))
+        common.print_err(render.outcome_warnings(outcome, Path(args.output)))
+        if outcome.status != "interrupted":
+            return 0
         command = render.RunCommand(
             spec=args.spec,
             overrides=tuple(args.overrides),
@@ -102,7 +95,18 @@ def _run(args: argparse.Namespace) -> int:
         common.print_err([stop.message] if stop else [])
         print(render.resume_command(command))
         return stop.exit_code if stop else common.EXIT_INTERRUPTED
-    return 0
+
+    options = RunOptions(
+        output=Path(args.output),
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        resume=args.resume,
+        num_cpus=args.num_cpus,
+        verbose=args.verbose,
+        report=report,
+    )
+    print(render.render_start(spec, args.resume), flush=True)
+    return report(run_study(spec, spec_text, options))
 
 
 def _add_ui(subparsers: Subparsers) -> None:

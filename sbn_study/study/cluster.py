@@ -111,6 +111,18 @@ def _start_ray(target: ClusterTarget) -> bool:
     return True
 
 
+def embedded_ray_processes() -> dict[str, int]:
+    """The GCS and raylet of the Ray this process started (name → pid): its children of those names."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if (name := child.name()) in ("gcs_server", "raylet"):
+                found[name] = child.pid
+    return found
+
+
 @contextlib.contextmanager
 def _started_in_a_process_group_of_their_own() -> Iterator[None]:
     """The processes started meanwhile (the embedded Ray's) get a process group of their own. A signal to the

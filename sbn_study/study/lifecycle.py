@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,9 @@ class RunOptions:
     num_cpus: int | None = None  # local Ray only; None = all of the machine's
     progress_interval_s: float = 30.0  # between progress lines where the output is no terminal
     verbose: bool = False  # Ray's, Tune's, Optuna's and MLflow's own lines too
+    # How the command shows an outcome, returning its exit code: for a study that must end the process itself
+    # (the embedded Ray lost under it). Without it the outcome is not shown.
+    report: Callable[[StudyOutcome], int] | None = None
 
     @property
     def cluster(self) -> cluster.ClusterTarget:
@@ -83,7 +87,7 @@ def run_study(spec: StudySpec, spec_text: str, options: RunOptions) -> StudyOutc
         study = Study(spec, spec_text, options)
         with study.ray_session():
             tuner = study.prepare()
-            with stopping.stop_when_space_runs_out(study.disk()):
+            with stopping.stop_when_space_runs_out(study.disk()), study.closed_if_ray_is_lost():
                 ended = study.fit(tuner)
             return study.finish(ended)
 
@@ -116,6 +120,7 @@ class Study:
         self.record: StudyRecord | None = None
         self.state: StudyState | None = None
         self._warm_start: list[Any] = []  # the earlier study's trials (Optuna's FrozenTrial) its sampler gets
+        self._ray_processes: dict[str, int] = {}  # the embedded Ray's GCS and raylet, when this started it
 
     def _check_input(self) -> StudyState | None:
         """Refuses what needs no Ray; returns the state of the execution to resume, if one is asked for."""
@@ -223,6 +228,8 @@ class Study:
             self._preparing = pool.submit(_open_store_and_load, self.uri, self.spec)
             pool.shutdown(wait=False)
         started = cluster.start_ray(self.options.cluster)
+        if started and self.options.address is None:
+            self._ray_processes = cluster.embedded_ray_processes()
         try:
             yield
         finally:
@@ -420,6 +427,23 @@ class Study:
                 verbose=1 if self.options.verbose else 0,  # Tune's status table besides the study's
             ),
         )
+
+    def closed_if_ray_is_lost(self) -> contextlib.AbstractContextManager[None]:
+        """While Tune runs on the embedded Ray: should Ray end under it, the study closes its record and state
+        itself, the command shows the outcome, and the process ends with its exit code."""
+        if not self._ray_processes:
+            return contextlib.nullcontext()
+
+        def close() -> None:
+            terminal.stop_all()
+            outcome = self.finish(ended=False)
+            code = self.options.report(outcome) if self.options.report else 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Not through Tune or Ray, which would wait on the lost Ray until Ray's own abort.
+            os._exit(code)
+
+        return stopping.close_when_ray_is_lost(self._ray_processes, close)
 
     def fit(self, tuner: Any) -> bool:
         """Runs Tune to the end or to an interruption; True when every trial ended."""

@@ -1,7 +1,8 @@
 """What stops a study early besides Ctrl-C: a SIGTERM (what batch schedulers and `kill` send) and a disk that
 runs out of space under the study. Both take Ctrl-C's way, Tune's graceful stop (Tune's state saved, the
 record closed, unfinished trials resumable), which a signal handler or a thread can only reach by sending
-this process SIGINT; the reason is kept for the command's last line and exit code.
+this process SIGINT; the reason is kept for the command's last line and exit code. The embedded Ray ending
+under the study leaves Tune no graceful way: the study's own record and state are closed without it.
 
 No Ray, Tune or MLflow here: the CLI installs the SIGTERM handler before anything heavy loads.
 """
@@ -13,7 +14,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,12 @@ def request_stop(stop: Stop) -> None:
     if not _requested:
         _requested.append(stop)
     os.kill(os.getpid(), signal.SIGINT)
+
+
+def note_stop(stop: Stop) -> None:
+    """Keeps `stop` as the reason, unless another came first, without stopping anything."""
+    if not _requested:
+        _requested.append(stop)
 
 
 def requested() -> Stop | None:
@@ -97,20 +104,67 @@ class Disk:
         return None
 
 
-@contextlib.contextmanager
-def stop_when_space_runs_out(disk: Disk, poll_s: float = POLL_S) -> Iterator[None]:
+def stop_when_space_runs_out(disk: Disk, poll_s: float = POLL_S) -> contextlib.AbstractContextManager[None]:
     """While it lasts, a thread looks at `disk` every `poll_s` and stops the study (once) when it runs short,
     before a write fails: a write that fails midway leaves Tune's state file cut short, which no resume reads."""
+
+    def stop_if_short() -> bool:
+        if shortage := disk.shortage():
+            message = f"error: {shortage}: the study stopped; free space and continue it with --resume"
+            request_stop(Stop(message, EXIT_NO_SPACE))
+            return True
+        return False
+
+    return _watching("sbn-study-space", poll_s, stop_if_short)
+
+
+def close_when_ray_is_lost(
+    processes: Mapping[str, int], close: Callable[[], None], poll_s: float = POLL_S
+) -> contextlib.AbstractContextManager[None]:
+    """While it lasts, a thread watches the embedded Ray's `processes` (name → pid: its GCS and raylet). When
+    one ends under the study (the OOM killer, a scheduler that signals every process of the job, `ray stop`),
+    Tune can no longer stop anything, and Ray's core worker ends this process a minute later with its runs
+    left open: `close` is called at once (the reason kept, as `requested()`) to close them itself and end the
+    command."""
+    import psutil
+
+    watched = {name: psutil.Process(pid) for name, pid in processes.items()}
+
+    def ended() -> str | None:
+        for name, process in watched.items():
+            try:
+                # An ended child stays a zombie until Ray's shutdown reaps it.
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    return name
+            except psutil.NoSuchProcess:
+                return name
+        return None
+
+    def close_if_lost() -> bool:
+        if name := ended():
+            message = (
+                f"error: the embedded Ray's {name} process ended under the study: every run is closed; "
+                "continue the study with --resume"
+            )
+            note_stop(Stop(message, 1))
+            close()
+            return True
+        return False
+
+    return _watching("sbn-study-ray", poll_s, close_if_lost)
+
+
+@contextlib.contextmanager
+def _watching(name: str, poll_s: float, act: Callable[[], bool]) -> Iterator[None]:
+    """While it lasts, a thread (`name`) calls `act` every `poll_s` until it acts (returns True)."""
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(poll_s):
-            if shortage := disk.shortage():
-                message = f"error: {shortage}: the study stopped; free space and continue it with --resume"
-                request_stop(Stop(message, EXIT_NO_SPACE))
+            if act():
                 return
 
-    thread = threading.Thread(target=watch, name="sbn-study-space", daemon=True)
+    thread = threading.Thread(target=watch, name=name, daemon=True)
     thread.start()
     try:
         yield
