@@ -21,6 +21,7 @@ from sbn_study.study.state import state_path
 from tests.conftest import run_command
 from tests.servers import kill_tree, mlflow_server
 from tests.test_hostile import NAME, SECRET, fill, small_disk
+from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -142,6 +143,46 @@ def test_ray_ending_under_a_study_closes_it_at_once_and_resumably(tmp_path: Path
         run_command(tmp_path, [], "--resume"), capture_output=True, text=True, timeout=300
     )
     assert_finished(tmp_path, resumed)
+
+
+def test_ray_ending_under_a_final_training_ends_its_runs_at_once(tmp_path: Path) -> None:
+    import psutil
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "final.yaml"
+    document = tiny_config(epochs=100).model_dump(mode="json")
+    config.write_text(yaml.safe_dump(document))
+    command = [sys.executable, "-m", "sbn_study.cli", "train", str(config), "--seeds", "0,1"]
+    driver = subprocess.Popen(
+        [*command, "--output", str(tmp_path), "--experiment", "lost"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def seeds_training() -> bool:
+        with contextlib.suppress(Exception):  # the store may not exist yet
+            experiment = client.get_experiment_by_name("lost")
+            return len(client.search_runs([experiment.experiment_id])) == 3  # the parent and two seeds
+        return False
+
+    try:
+        wait_for(seeds_training, driver)
+        (gcs,) = [p for p in psutil.Process(driver.pid).children() if p.name() == "gcs_server"]
+        gcs.kill()
+        _, err = driver.communicate(timeout=45)
+    finally:
+        kill_tree(driver)
+    assert driver.returncode == 1, err[-3000:]
+    assert err.splitlines()[-1] == (
+        "error: the embedded Ray's gcs_server process ended under the final training: every run is closed; "
+        "train again"
+    )
+    experiment = client.get_experiment_by_name("lost")
+    assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == ["KILLED"] * 3
 
 
 def test_a_disk_that_fills_up_stops_the_study_cleanly_and_resumably(tmp_path: Path) -> None:

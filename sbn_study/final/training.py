@@ -19,7 +19,10 @@ the figures of `evaluation.COMPARED` are compared across arms as accuracy is.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from sbn_study.results.export import FinalConfig
 from sbn_study.spec.config import TrialConfig, flatten
 from sbn_study.store.runs import ensure_experiment
 from sbn_study.store.uri import check_reachable, redact_uri, resolve_tracking_uri
+from sbn_study.study import stopping
 
 if TYPE_CHECKING:
     from sbn_study.final.progress import SeedProgress
@@ -133,7 +137,7 @@ def run_final(
     """Trains every (arm, seed) of the plan as one Ray task on the local Ray (started unless one is already
     running in this process, which is then left running) or the cluster at `options.address`; `progress`
     shows them as they end, `publish` (default: the comparison of the arms) runs once all did."""
-    from sbn_study.study.cluster import ClusterTarget, start_ray
+    from sbn_study.study.cluster import ClusterTarget, embedded_ray_processes, start_ray
     from sbn_study.study.state import prepare_output
 
     if not options.seeds:
@@ -144,8 +148,9 @@ def run_final(
     if not options.verbose:
         terminal.quiet_libraries()
     started_ray = start_ray(ClusterTarget(address=options.address, verbose=options.verbose))
+    ray_processes = embedded_ray_processes() if started_ray and options.address is None else {}
     try:
-        return _run(plan, options, output, uri, progress, publish)
+        return _run(plan, options, output, uri, progress, publish, ray_processes)
     finally:
         if started_ray:
             import ray
@@ -160,6 +165,7 @@ def _run(
     uri: str,
     progress: SeedProgress | None,
     publish: Publish | None,
+    ray_processes: dict[str, int],
 ) -> FinalOutcome:
     import ray
     import yaml
@@ -216,17 +222,18 @@ def _run(
         pending = list(launched)
         if progress is not None:
             progress.start()
-        while pending:
-            # A timeout, so that the terminal's view (its ETA) moves between the seeds' ends.
-            done, pending = ray.wait(pending, num_returns=1, timeout=terminal.REDRAW_S)
-            if not done:
+        with _closed_if_ray_is_lost(ray_processes, record, progress):
+            while pending:
+                # A timeout, so that the terminal's view (its ETA) moves between the seeds' ends.
+                done, pending = ray.wait(pending, num_returns=1, timeout=terminal.REDRAW_S)
+                if not done:
+                    if progress is not None:
+                        progress.tick()
+                    continue
+                result = _record(writer, *launched[done[0]], done[0], folder, loaded)
+                results.append(result)
                 if progress is not None:
-                    progress.tick()
-                continue
-            result = _record(writer, *launched[done[0]], done[0], folder, loaded)
-            results.append(result)
-            if progress is not None:
-                progress.ended(result)
+                    progress.ended(result)
         if progress is not None:
             progress.stop()
         order = {arm: i for i, arm in enumerate(plan.arms)}
@@ -264,6 +271,28 @@ def _run(
         unsent=unsent if unsent_writes else None,
         suites=suites,
     )
+
+
+def _closed_if_ray_is_lost(
+    processes: dict[str, int], record: Any, progress: SeedProgress | None
+) -> contextlib.AbstractContextManager[None]:
+    """While the seeds train on the embedded Ray: should Ray end under them, their runs and the parent run are
+    ended (killed) here, and the process ends, rather than with Ray's abort a minute later, runs left open."""
+    if not processes:
+        return contextlib.nullcontext()
+
+    def close() -> None:
+        if progress is not None:
+            progress.stop()
+        record.finish("KILLED")
+        stop = stopping.requested()
+        assert stop is not None  # the watch keeps its reason before it closes
+        sys.stdout.flush()
+        print(stop.message, file=sys.stderr, flush=True)
+        # Not through Ray, which would wait on the lost Ray until its own abort.
+        os._exit(stop.exit_code)
+
+    return stopping.close_when_ray_is_lost(processes, close, "final training", "train again")
 
 
 def _record(

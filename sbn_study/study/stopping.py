@@ -119,13 +119,17 @@ def stop_when_space_runs_out(disk: Disk, poll_s: float = POLL_S) -> contextlib.A
 
 
 def close_when_ray_is_lost(
-    processes: Mapping[str, int], close: Callable[[], None], poll_s: float = POLL_S
+    processes: Mapping[str, int],
+    close: Callable[[], None],
+    work: str = "study",
+    then: str = "continue the study with --resume",
+    poll_s: float = POLL_S,
 ) -> contextlib.AbstractContextManager[None]:
     """While it lasts, a thread watches the embedded Ray's `processes` (name → pid: its GCS and raylet). When
-    one ends under the study (the OOM killer, a scheduler that signals every process of the job, `ray stop`),
-    Tune can no longer stop anything, and Ray's core worker ends this process a minute later with its runs
-    left open: `close` is called at once (the reason kept, as `requested()`) to close them itself and end the
-    command."""
+    one ends under the `work` (the OOM killer, a scheduler that signals every process of the job, `ray stop`),
+    nothing can be stopped through Ray any more, and Ray's core worker ends this process a minute later with its
+    runs left open: `close` is called at once (the reason kept, as `requested()`, saying what to do `then`) to
+    close them itself and end the command."""
     import psutil
 
     watched = {name: psutil.Process(pid) for name, pid in processes.items()}
@@ -142,10 +146,7 @@ def close_when_ray_is_lost(
 
     def close_if_lost() -> bool:
         if name := ended():
-            message = (
-                f"error: the embedded Ray's {name} process ended under the study: every run is closed; "
-                "continue the study with --resume"
-            )
+            message = f"error: the embedded Ray's {name} process ended under the {work}: every run is closed; {then}"
             note_stop(Stop(message, 1))
             close()
             return True
