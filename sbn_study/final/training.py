@@ -278,8 +278,6 @@ def _closed_if_ray_is_lost(
 ) -> contextlib.AbstractContextManager[None]:
     """While the seeds train on the embedded Ray: should Ray end under them, their runs and the parent run are
     ended (killed) here, and the process ends, rather than with Ray's abort a minute later, runs left open."""
-    if not processes:
-        return contextlib.nullcontext()
 
     def close() -> None:
         if progress is not None:

@@ -166,8 +166,9 @@ def _param_value(key: str, text: str) -> Any:
 def trials(uri: str, study: str, *, execution: str | None = None, all_params: bool = False) -> pd.DataFrame:
     """One row per trial, in start order: trial_id, run_id, run_name (as the UI lists it), status, arm, epochs
     (reached), full_budget, best_epoch (of the study's metric), compute_s (Σ epoch_time_s), node, started,
-    searched (what the sampler chose for this trial), then the final value `<m>` and best value `best_<m>` of every epoch metric, then the
-    parameters (dotted keys, typed): the searched ones, norm.kind and norm.placement, or all with `all_params`.
+    searched (what the sampler chose for this trial), then the final value `<m>` and best value `best_<m>` of
+    every epoch metric, then the parameters (dotted keys, typed): the searched ones, norm.kind and
+    norm.placement, or all with `all_params`.
 
     `attrs` carries study, execution, metric, mode, budget, searched and space (the spec's distributions), which
     `param_importance` and `best_trials` use.

@@ -431,8 +431,6 @@ class Study:
     def closed_if_ray_is_lost(self) -> contextlib.AbstractContextManager[None]:
         """While Tune runs on the embedded Ray: should Ray end under it, the study closes its record and state
         itself, the command shows the outcome, and the process ends with its exit code."""
-        if not self._ray_processes:
-            return contextlib.nullcontext()
 
         def close() -> None:
             terminal.stop_all()

@@ -129,7 +129,9 @@ def close_when_ray_is_lost(
     one ends under the `work` (the OOM killer, a scheduler that signals every process of the job, `ray stop`),
     nothing can be stopped through Ray any more, and Ray's core worker ends this process a minute later with its
     runs left open: `close` is called at once (the reason kept, as `requested()`, saying what to do `then`) to
-    close them itself and end the command."""
+    close them itself and end the command. Nothing to watch (Ray not started here): nothing happens."""
+    if not processes:
+        return contextlib.nullcontext()
     import psutil
 
     watched = {name: psutil.Process(pid) for name, pid in processes.items()}
